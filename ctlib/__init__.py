@@ -1,0 +1,9 @@
+"""ctlib: the residual 2D+3D CT paper, made runnable.
+
+Modules follow the paper's pipeline, data flowing one way:
+``data`` (CT-RATE on disk) -> ``cache`` (prepared volumes) -> ``models`` -> ``train``
+-> ``metrics`` -> ``figures`` / ``latent`` / ``attention``. ``synthetic`` writes a
+CT-RATE-format phantom dataset so that everything runs without the gated download.
+"""
+
+__version__ = "0.1.0"

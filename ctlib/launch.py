@@ -1,0 +1,94 @@
+"""Launching training runs from notebooks: ``torchrun`` as a subprocess, its log streamed.
+
+The notebooks never spawn workers themselves (STYLE.md): a cell builds the command with
+:func:`torchrun_command` and runs it with :func:`run_streaming`, which raises
+``subprocess.CalledProcessError`` when the run fails, so papermill stops on the failing cell.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+# The runs of the paper: Table 2 (ResNet, ViT, ResNet+ViT with equal weights) and Table 3 (alpha).
+ALPHAS: tuple[float | str, ...] = (0.0, 0.1, 0.3, 0.5, 1.0, "learned")
+
+
+def run_name(model: str, alpha: float | str | None = None) -> str:
+    """Folder name of a run: ``resnet2d``, ``vit3d``, ``fusion-alpha0.5``, ``fusion-learned``."""
+    if model != "fusion":
+        return model
+    if alpha == "learned":
+        return "fusion-learned"
+    return f"fusion-alpha{float(1.0 if alpha is None else alpha):g}"
+
+
+def default_processes() -> int:
+    """One process per visible GPU, or one on CPU."""
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+
+
+def torchrun_command(
+    *,
+    profile: str,
+    model: str,
+    out: str | Path,
+    alpha: float | str | None = None,
+    processes: int | None = None,
+    data_root: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    seed: int | None = None,
+    overrides: Sequence[str] = (),
+    redo: bool = False,
+    progress: bool = False,
+) -> list[str]:
+    """The ``torchrun`` command line for one run of :mod:`ctlib.train`."""
+    nproc = default_processes() if processes is None else int(processes)
+    if nproc < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ctlib.train", "--profile", profile, "--model", model, "--out", str(out)]
+    if model == "fusion":
+        cmd += ["--alpha", str(1.0 if alpha is None else alpha)]
+    if data_root is not None:
+        cmd += ["--data-root", str(data_root)]
+    if work_dir is not None:
+        cmd += ["--work-dir", str(work_dir)]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
+    for item in overrides:
+        cmd += ["--set", item]
+    if redo:
+        cmd.append("--redo")
+    if not progress:
+        cmd.append("--no-progress")
+    return cmd
+
+
+def run_streaming(cmd: Sequence[str], *, cwd: str | Path | None = None) -> None:
+    """Runs ``cmd``, printing its output line by line as it comes; raises on a non-zero exit."""
+    print("$", " ".join(cmd), flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
+    if not env["OMP_NUM_THREADS"]:
+        env.pop("OMP_NUM_THREADS")
+    with subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+        code = proc.wait()
+    if code != 0:
+        raise subprocess.CalledProcessError(code, list(cmd))
+
+
+def run_tag(profile: str, seed: int = 0) -> str:
+    """Folder tag of a profile's outputs: ``demo`` for seed 0, ``demo-seed1`` otherwise.
+
+    Runs go to ``runs/<tag>/<run_name>``, figures to ``figures/<tag>/``, tables to ``results/<tag>/``.
+    """
+    return profile if int(seed) == 0 else f"{profile}-seed{int(seed)}"

@@ -1,0 +1,498 @@
+"""The paper's three models (sections 4.1-4.3): ``ResNet2D``, ``ViT3D`` and their residual ``Fusion``.
+
+Every model takes a batch of preprocessed volumes ``x: (B, S, H, W)`` float in [-1, 1] (``S`` slices,
+HU / 1000 as made by the data layer) and returns logits ``(B, 18)``. Each has ``features(x) -> (B, D)``,
+its volume-level feature vector (the fusion head, t-SNE and retrieval use it), and
+``forward(x, *, return_features=False)`` returning the logits or ``(logits, features)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce
+from einops.layers.torch import Rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.models import ResNet18_Weights, resnet18
+
+from ctlib.data import CLASSES
+
+logger = logging.getLogger(__name__)
+
+NUM_CLASSES = len(CLASSES)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights that cannot be had: no network, a missing file or a file that is not ResNet-18's."""
+
+
+def _check_volume(x: Tensor, model: str) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        dtype = f" {x.dtype}" if isinstance(x, Tensor) else ""
+        raise ValueError(f"{model} expects a float tensor (B, S, H, W), got {got}{dtype}")
+    if 0 in x.shape:
+        raise ValueError(f"{model} got an empty batch of shape {tuple(x.shape)}")
+
+
+def _check_positive(**values: Any) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4.1 2D model: ResNet-18 per slice, mean over slices
+# --------------------------------------------------------------------------------------------------
+
+_HUB_FILE = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]  # resnet18-f37072fd.pth
+
+
+def _resolve_weights(weights: ResNet18_Weights | str | os.PathLike | None) -> ResNet18_Weights | Path | None:
+    """A torchvision weights enum, a local file, or None (random init)."""
+    if weights is None or isinstance(weights, ResNet18_Weights):
+        return weights
+    if isinstance(weights, os.PathLike):
+        return Path(weights).expanduser()
+    if not isinstance(weights, str):
+        raise ValueError(
+            f"weights must be None, a ResNet18_Weights name or member, or a path, got {type(weights).__name__}"
+        )
+    name = weights.removeprefix("ResNet18_Weights.")
+    if name in ResNet18_Weights.__members__:
+        return ResNet18_Weights[name]
+    path = Path(weights).expanduser()
+    if path.exists() or path.suffix or "/" in weights or os.sep in weights or weights.startswith("~"):
+        return path
+    raise ValueError(
+        f"unknown ResNet-18 weights {weights!r}: use None, one of {sorted(ResNet18_Weights.__members__)} "
+        "or a path to a .pth state dict of torchvision's resnet18"
+    )
+
+
+def _load_state_dict(source: ResNet18_Weights | Path) -> Mapping[str, Tensor]:
+    """Read torchvision resnet18 weights; any failure becomes a WeightsUnavailableError."""
+    if isinstance(source, ResNet18_Weights):
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / _HUB_FILE
+        try:
+            return source.get_state_dict(progress=False, check_hash=True, map_location="cpu", weights_only=True)
+        except Exception as err:  # no network, a proxy error, a truncated download: all mean "not here"
+            raise WeightsUnavailableError(
+                f"ResNet-18 weights {source} could not be loaded ({type(err).__name__}: {err}). Without "
+                f"network access, copy torchvision's file {source.url} to {cached} or pass "
+                "weights='/path/to/resnet18.pth' (a state dict of torchvision's resnet18)"
+            ) from err
+    if not source.is_file():
+        raise WeightsUnavailableError(
+            f"ResNet-18 weights file {source} does not exist; give the path of a state dict of torchvision's "
+            f"resnet18 (e.g. {ResNet18_Weights.IMAGENET1K_V1.url} saved as "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints' / _HUB_FILE})"
+        )
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsUnavailableError(
+            f"ResNet-18 weights file {source} cannot be read as a PyTorch state dict ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(state, Mapping):
+        raise WeightsUnavailableError(
+            f"ResNet-18 weights file {source} holds a {type(state).__name__}, not a state dict"
+        )
+    return state
+
+
+class ResNet2D(nn.Module):
+    """Section 4.1: torchvision's ResNet-18 on every slice, slice logits averaged over the volume.
+
+    The first convolution takes one channel and the last layer gives 18 logits per slice. Slices run as
+    one batch ``(B*S, 1, H, W)``; any H, W of at least 32 works (the paper: 100 slices of 214x214).
+
+    Args:
+        num_classes: outputs per slice (the 18 CT-RATE abnormalities).
+        weights: ``None`` (random init), a torchvision name or member (``"IMAGENET1K_V1"``,
+            ``ResNet18_Weights.IMAGENET1K_V1``, ``"DEFAULT"``) or a path to a local ``.pth`` state dict of
+            torchvision's (3-channel) resnet18. The one-channel kernel is the sum of the three RGB kernels, so
+            a grey slice gets the response the RGB network gives to that slice repeated as R, G and B. The
+            slices are fed as they are (HU / 1000 in [-1, 1]), not ImageNet-normalised: fine-tuning adapts
+            the batch-norm statistics, and it keeps one preprocessing for all three models.
+        slice_chunk: run at most this many slices through the backbone at once to bound inference memory
+            (same result in eval mode; in training the stored activations dominate anyway, and batch norm
+            would see per-chunk statistics). ``None``: all ``B*S`` slices at once.
+
+    Raises:
+        WeightsUnavailableError: the weights cannot be downloaded or read (see :func:`resnet2d_with_fallback`).
+
+    Attributes:
+        weights_used: ``"random"``, the torchvision name (``"IMAGENET1K_V1"``) or ``"file:<path>"``.
+    """
+
+    feature_dim = 512
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = NUM_CLASSES,
+        weights: ResNet18_Weights | str | os.PathLike | None = None,
+        slice_chunk: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive(num_classes=num_classes)
+        if slice_chunk is not None:
+            _check_positive(slice_chunk=slice_chunk)
+        source = _resolve_weights(weights)
+        state = None if source is None else _load_state_dict(source)
+
+        self.backbone = resnet18(weights=None)
+        self.backbone.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(self.backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.backbone.fc = nn.Identity()  # the backbone gives the 512-d pooled slice features
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+        self.slice_chunk = slice_chunk
+        self.weights_used = "random"
+        if state is not None:
+            self._load_backbone(state, source)
+            self.weights_used = source.name if isinstance(source, ResNet18_Weights) else f"file:{source}"
+
+    def _load_backbone(self, state: Mapping[str, Tensor], source: ResNet18_Weights | Path) -> None:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the 1000-class layer is replaced
+        conv = state.get("conv1.weight")
+        if isinstance(conv, Tensor) and conv.ndim == 4 and conv.shape[1] == 3:
+            state["conv1.weight"] = conv.sum(dim=1, keepdim=True)
+        try:
+            self.backbone.load_state_dict(state)
+        except RuntimeError as err:
+            raise WeightsUnavailableError(
+                f"ResNet-18 weights {source} do not fit torchvision's resnet18: {str(err)[:500]}"
+            ) from err
+
+    def _slice_features(self, x: Tensor) -> Tensor:
+        """(B, S, H, W) -> (B, S, 512) pooled features of every slice."""
+        _check_volume(x, "ResNet2D")
+        b, s = x.shape[:2]
+        slices = rearrange(x, "b s h w -> (b s) 1 h w")
+        if self.slice_chunk is None or self.slice_chunk >= slices.shape[0]:
+            feats = self.backbone(slices)
+        else:
+            feats = torch.cat([self.backbone(c) for c in slices.split(self.slice_chunk)])
+        return feats.view(b, s, self.feature_dim)
+
+    def slice_logits(self, x: Tensor) -> Tensor:
+        """Per-slice predictions: (B, S, H, W) -> (B, S, 18)."""
+        return self.fc(self._slice_features(x))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Mean over slices of the pooled slice features: (B, S, H, W) -> (B, 512)."""
+        return self._slice_features(x).mean(dim=1)
+
+    def forward(self, x: Tensor, *, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, S, H, W) -> logits (B, 18), the mean of the slice logits (and features (B, 512))."""
+        feats = self._slice_features(x)
+        logits = self.fc(feats).mean(dim=1)
+        return (logits, feats.mean(dim=1)) if return_features else logits
+
+
+def resnet2d_with_fallback(
+    weights: ResNet18_Weights | str | os.PathLike | None, allow_random: bool, **kwargs: Any
+) -> ResNet2D:
+    """``ResNet2D(weights=weights, **kwargs)``, or random init with a WARNING if that fails and is allowed.
+
+    Raises:
+        WeightsUnavailableError: the weights cannot be had and ``allow_random`` is False.
+    """
+    try:
+        return ResNet2D(weights=weights, **kwargs)
+    except WeightsUnavailableError as err:
+        if not allow_random:
+            raise
+        logger.warning("%s -- falling back to a randomly initialised ResNet-18", err)
+        return ResNet2D(weights=None, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4.2 3D model: CTViT-style factorised transformer (spatial, then across slices)
+# --------------------------------------------------------------------------------------------------
+
+
+class _Attention(nn.Module):
+    """Pre-norm multi-head self-attention: (N, L, D) -> (N, L, D), and the probabilities if asked."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.scale, self.dropout = heads, dim_head**-0.5, dropout
+        self.norm = nn.RMSNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        q, k, v = rearrange(self.to_qkv(self.norm(x)), "n l (t h d) -> t n h l d", t=3, h=self.heads)
+        p = self.dropout if self.training else 0.0
+        if return_attention:  # the same computation as SDPA, spelled out to keep the weights
+            probs = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+            out = F.dropout(probs, p, self.training) @ v
+        else:
+            probs = None
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
+        return self.to_out(rearrange(out, "n h l d -> n l (h d)")), probs
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = _Attention(dim, heads, dim_head, dropout)
+        self.mlp = nn.Sequential(
+            nn.RMSNorm(dim),
+            nn.Linear(dim, mlp_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mlp_dim, dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        a, probs = self.attn(x, return_attention)
+        x = x + a
+        return x + self.mlp(x), probs
+
+
+class ViT3D(nn.Module):
+    """Section 4.2: the CTViT-style encoder (factorised like ViViT) with an MLP classification head.
+
+    Each slice is cut into ``patch_size`` x ``patch_size`` patches (224 -> 14x14), embedded linearly to
+    ``dim``, and given a learned positional embedding for its place in the slice plus one for its slice
+    index. A spatial transformer attends among the patches of each slice (tokens ``(B*S, h*w, dim)``), then
+    a slice-wise transformer across slices at each patch position (``(B*h*w, S, dim)``). After a final
+    RMSNorm the mean over all tokens is the feature vector; the head is RMSNorm/Linear/GELU/Linear.
+    Trained from scratch. Attention has ``heads * dim_head`` channels, projected back to ``dim``
+    (the CTViT convention), so ``dim`` need not equal ``heads * dim_head``.
+
+    Args:
+        image_size: slice height and width (H = W).
+        patch_size: patch side; must divide ``image_size``.
+        max_slices: most slices a volume may have (S <= max_slices; fewer are fine).
+        dim: token width D, also the feature size.
+        spatial_depth: spatial transformer blocks.
+        slice_depth: slice-wise transformer blocks.
+        heads: attention heads.
+        dim_head: channels per head.
+        mlp_dim: hidden width of the blocks' MLP.
+        num_classes: logits.
+        dropout: dropout of embeddings, attention and MLP (0 in the paper).
+        gradient_checkpointing: recompute each block in the backward pass when training (less memory).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 224,
+        patch_size: int = 16,
+        max_slices: int = 100,
+        dim: int = 512,
+        spatial_depth: int = 4,
+        slice_depth: int = 4,
+        heads: int = 8,
+        dim_head: int = 64,
+        mlp_dim: int = 2048,
+        num_classes: int = NUM_CLASSES,
+        dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_positive(
+            image_size=image_size, patch_size=patch_size, max_slices=max_slices, dim=dim,
+            spatial_depth=spatial_depth, slice_depth=slice_depth, heads=heads, dim_head=dim_head,
+            mlp_dim=mlp_dim, num_classes=num_classes,
+        )  # fmt: skip
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.image_size, self.patch_size, self.max_slices = image_size, patch_size, max_slices
+        self.dim, self.heads = dim, heads
+        self.grid = image_size // patch_size  # patches per side: h = w
+        self.num_patches = self.grid**2
+        self.gradient_checkpointing = gradient_checkpointing
+
+        p = patch_size
+        self.to_patches = Rearrange("b s (h p1) (w p2) -> b s (h w) (p1 p2)", p1=p, p2=p)
+        self.patch_embed = nn.Linear(p * p, dim)
+        self.spatial_pos = nn.Parameter(torch.empty(self.num_patches, dim))  # place within the slice
+        self.slice_pos = nn.Parameter(torch.empty(max_slices, dim))  # slice index
+        nn.init.trunc_normal_(self.spatial_pos, std=0.02)
+        nn.init.trunc_normal_(self.slice_pos, std=0.02)
+        self.emb_dropout = nn.Dropout(dropout)
+        self.spatial = nn.ModuleList(_Block(dim, heads, dim_head, mlp_dim, dropout) for _ in range(spatial_depth))
+        self.across = nn.ModuleList(_Block(dim, heads, dim_head, mlp_dim, dropout) for _ in range(slice_depth))
+        self.norm = nn.RMSNorm(dim)
+        self.head = nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, num_classes))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.dim
+
+    def _check_input(self, x: Tensor) -> None:
+        _check_volume(x, "ViT3D")
+        _, s, h, w = x.shape
+        if h != self.image_size or w != self.image_size:
+            raise ValueError(
+                f"ViT3D(image_size={self.image_size}, patch_size={self.patch_size}) needs slices of "
+                f"{self.image_size}x{self.image_size}, got input of shape {tuple(x.shape)}"
+            )
+        if s > self.max_slices:
+            raise ValueError(f"ViT3D(max_slices={self.max_slices}) got {s} slices (input {tuple(x.shape)})")
+
+    def _run(self, block: _Block, t: Tensor, return_attention: bool) -> tuple[Tensor, Tensor | None]:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not return_attention:
+            return checkpoint(lambda u: block(u)[0], t, use_reentrant=False), None
+        return block(t, return_attention)
+
+    def _encode(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """(B, S, H, W) -> pooled features (B, D) and the per-layer attention probabilities if asked."""
+        self._check_input(x)
+        b, s = x.shape[:2]
+        t = self.patch_embed(self.to_patches(x)) + self.spatial_pos + self.slice_pos[:s, None]  # (B, S, N, D)
+        t = rearrange(self.emb_dropout(t), "b s n d -> (b s) n d")
+        spatial, across = [], []
+        for block in self.spatial:
+            t, probs = self._run(block, t, return_attention)
+            spatial.append(probs)
+        t = rearrange(t, "(b s) n d -> (b n) s d", b=b)
+        for block in self.across:
+            t, probs = self._run(block, t, return_attention)
+            across.append(probs)
+        feats = reduce(self.norm(t), "(b n) s d -> b d", "mean", b=b)
+        return feats, spatial, across
+
+    def features(self, x: Tensor) -> Tensor:
+        """Mean of the final tokens: (B, S, H, W) -> (B, dim)."""
+        return self._encode(x)[0]
+
+    def forward(self, x: Tensor, *, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, S, H, W) -> logits (B, 18) (and features (B, dim))."""
+        feats = self.features(x)
+        logits = self.head(feats)
+        return (logits, feats) if return_features else logits
+
+    def attention_maps(self, x: Tensor) -> dict[str, Tensor]:
+        """The forward pass with its attention probabilities (softmax of scaled QK^T), for the figures.
+
+        Memory grows as S * N^2 and N * S^2 per layer and head (at the paper's size about 0.5 GB and
+        0.25 GB per volume in fp32): call it under ``torch.no_grad()`` on a few volumes.
+
+        Returns:
+            ``"spatial"``: (B, S, spatial_depth, heads, N, N) with N = h*w patches per slice;
+            ``"slice"``: (B, N, slice_depth, heads, S, S); ``"logits"``: (B, 18); ``"features"``: (B, dim).
+        """
+        b = x.shape[0]
+        feats, spatial, across = self._encode(x, return_attention=True)
+        return {
+            "spatial": rearrange(torch.stack(spatial, dim=1), "(b s) l h i j -> b s l h i j", b=b),
+            "slice": rearrange(torch.stack(across, dim=1), "(b n) l h i j -> b n l h i j", b=b),
+            "logits": self.head(feats),
+            "features": feats,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# 4.3 Residual fusion: x_2d + alpha * residual_3d
+# --------------------------------------------------------------------------------------------------
+
+
+class Fusion(nn.Module):
+    """Section 4.3, Algorithm 1 with alpha: ``fused = beta * x_2d + alpha * proj(vit_features)``.
+
+    ``x_2d`` is the ResNet's slice features mean-pooled (512), ``residual_3d`` the ViT's pooled features
+    projected to 512 (the projection layer); the fused vector goes through ``Linear(512, 18)``. The same
+    ``x: (B, S, H, W)`` feeds both branches, so H = W = the ViT's ``image_size``.
+
+    Only the branches' features are used: their own classification heads are frozen
+    (``requires_grad=False``) so that every trainable parameter takes part in each step (DDP needs this).
+    A fixed ``alpha == 0`` skips the 3D branch altogether (and freezes it and the projection): the output
+    is then exactly the 2D model's, whatever the ViT holds.
+
+    Args:
+        resnet: the 2D branch; built from ``resnet_kwargs`` when None.
+        vit: the 3D branch; built from ``vit_kwargs`` when None.
+        alpha: a fixed weight of the 3D residual (a buffer, not trained) or ``"learned"`` (a parameter).
+        alpha_init: start value of a learned alpha.
+        learn_2d_weight: learn beta (initialised at 1), the paper's future-work variant; else beta = 1.
+        num_classes: logits.
+        resnet_kwargs: keyword arguments of :class:`ResNet2D` when ``resnet`` is None.
+        vit_kwargs: keyword arguments of :class:`ViT3D` when ``vit`` is None.
+    """
+
+    def __init__(
+        self,
+        *,
+        resnet: ResNet2D | None = None,
+        vit: ViT3D | None = None,
+        alpha: float | str = 1.0,
+        alpha_init: float = 0.5,
+        learn_2d_weight: bool = False,
+        num_classes: int = NUM_CLASSES,
+        resnet_kwargs: dict[str, Any] | None = None,
+        vit_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive(num_classes=num_classes)
+        for name, branch, kwargs, cls in (("resnet", resnet, resnet_kwargs, ResNet2D), ("vit", vit, vit_kwargs, ViT3D)):
+            if branch is not None and kwargs is not None:
+                raise ValueError(f"give either {name} or {name}_kwargs, not both")
+            if branch is not None and not isinstance(branch, cls):
+                raise ValueError(f"{name} must be a {cls.__name__}, got {type(branch).__name__}")
+        if isinstance(alpha, str):
+            if alpha != "learned":
+                raise ValueError(f"alpha must be a number or 'learned', got {alpha!r}")
+        elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number or 'learned', got {alpha!r}")
+        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)) or not math.isfinite(alpha_init):
+            raise ValueError(f"alpha_init must be a finite number, got {alpha_init!r}")
+
+        self.resnet = resnet if resnet is not None else ResNet2D(**(resnet_kwargs or {}))
+        self.vit = vit if vit is not None else ViT3D(**(vit_kwargs or {}))
+        self.project = nn.Linear(self.vit.feature_dim, self.resnet.feature_dim)
+        self.head = nn.Linear(self.resnet.feature_dim, num_classes)
+        self.learned_alpha = alpha == "learned"
+        if self.learned_alpha:
+            self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        else:
+            self.register_buffer("alpha", torch.tensor(float(alpha)))
+        if learn_2d_weight:
+            self.beta = nn.Parameter(torch.tensor(1.0))
+        else:
+            self.register_buffer("beta", torch.tensor(1.0))
+        self.uses_3d = self.learned_alpha or float(alpha) != 0.0
+        frozen = [self.resnet.fc, self.vit.head] + ([] if self.uses_3d else [self.vit, self.project])
+        for module in frozen:
+            module.requires_grad_(False)
+
+    @property
+    def alpha_value(self) -> float:
+        return float(self.alpha.detach())
+
+    @property
+    def beta_value(self) -> float:
+        return float(self.beta.detach())
+
+    def features(self, x: Tensor) -> Tensor:
+        """The fused vector ``beta * x_2d + alpha * residual_3d``: (B, S, H, W) -> (B, 512)."""
+        _check_volume(x, "Fusion")
+        fused = self.beta * self.resnet.features(x)
+        if self.uses_3d:
+            fused = fused + self.alpha * self.project(self.vit.features(x))
+        return fused
+
+    def forward(self, x: Tensor, *, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, S, H, W) -> logits (B, 18) (and the fused features (B, 512))."""
+        feats = self.features(x)
+        logits = self.head(feats)
+        return (logits, feats) if return_features else logits

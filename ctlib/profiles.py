@@ -1,0 +1,199 @@
+"""Experiment profiles: one frozen dataclass per experiment, selectable by name.
+
+``paper`` holds the paper's sizes and settings (sections 3.1, 4 and 4.5) for CT-RATE on GPUs;
+``paper480`` its last experiment at the full 480x480 field of view; ``demo`` the whole paper on the
+embedded synthetic dataset on a 2-core laptop; ``smoke`` a seconds-long CI run of the same code.
+
+Every field can be overridden from the command line (``--set epochs=3``) or in Python with
+``dataclasses.replace``. Sizes follow ctlib's conventions: ``size_*`` are the (X, Y, Z) crop/pad target
+of :func:`ctlib.data.preprocess` and the models see ``(num_slices, Y, X)`` volumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODELS = ("resnet2d", "vit3d", "fusion")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """All settings of one experiment. Defaults are the paper's values."""
+
+    name: str = "paper"
+    # --- data -------------------------------------------------------------------------------
+    data_root: str | None = None  # a CT-RATE snapshot; None -> the embedded synthetic dataset
+    work_dir: str = "data"  # synthetic snapshot and prepared caches live under it
+    synthetic_patients: int = 300
+    synthetic_shape: tuple[int, int, int] = (128, 128, 48)  # (X, Y, Z) voxels written
+    synthetic_spacing: tuple[float, float, float] = (2.75, 2.75, 5.0)  # mm
+    synthetic_seed: int = 0
+    prepare_workers: int = 2
+    # --- preprocessing (section 3.1) --------------------------------------------------------
+    size_2d: tuple[int, int, int] = (214, 214, 240)  # ResNet2D input: 214x214 slices
+    size_3d: tuple[int, int, int] = (224, 224, 240)  # ViT3D and fusion input: 224x224 slices
+    num_slices: int = 100  # centre slices kept
+    hu_range: tuple[float, float] = (-1000.0, 1000.0)
+    target_spacing: tuple[float, float, float] | None = None  # None: the paper's text, no resampling
+    # --- split (section 3.1) ----------------------------------------------------------------
+    fractions: tuple[float, float, float] = (0.7, 0.2, 0.1)
+    split_seed: int = 0
+    # --- models (sections 4.1-4.3) ----------------------------------------------------------
+    weights: str | None = "IMAGENET1K_V1"  # ResNet2D initialisation (torchvision name or a file)
+    allow_random_init: bool = False  # fall back to random init when the weights cannot be had
+    vit_patch_size: int = 16
+    vit_dim: int = 512
+    vit_spatial_depth: int = 4
+    vit_slice_depth: int = 4
+    vit_heads: int = 8
+    vit_dim_head: int = 64
+    vit_mlp_dim: int = 2048
+    vit_dropout: float = 0.0
+    alpha_init: float = 0.5  # start value of a learned alpha
+    gradient_checkpointing: bool = False
+    # --- training (section 4.5) -------------------------------------------------------------
+    epochs: int = 10
+    batch_size: int = 8  # global, split over the processes
+    lr: float = 5e-4
+    weight_decay: float = 0.01  # AdamW's default
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    seed: int = 0
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    num_workers: int = 4  # DataLoader workers per process
+    eval_batch_size: int = 8
+    bootstrap: int = 1000  # resamples for per-class AUROC confidence intervals
+    max_steps_per_epoch: int | None = None  # cap optimisation steps per epoch (quick checks only)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def image_size(self, model: str) -> tuple[int, int, int]:
+        """The (X, Y, Z) crop/pad target for ``model``: 214 for the ResNet, 224 for ViT and fusion."""
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+        return self.size_2d if model == "resnet2d" else self.size_3d
+
+
+PAPER = Profile()
+
+PAPER480 = dataclasses.replace(
+    PAPER,
+    name="paper480",
+    # The CT-CLIP loader's resampling and field of view ("full CT image height/width size of 480x480").
+    target_spacing=(0.75, 0.75, 1.5),
+    size_2d=(480, 480, 240),
+    size_3d=(480, 480, 240),
+    gradient_checkpointing=True,
+)
+
+DEMO = dataclasses.replace(
+    PAPER,
+    name="demo",
+    # Synthetic phantoms at 2.75 mm resampled to 5.5 x 5.5 x 10 mm: 64x64 slices, centre 16 of 24.
+    synthetic_patients=300,
+    target_spacing=(5.5, 5.5, 10.0),
+    size_2d=(64, 64, 24),
+    size_3d=(64, 64, 24),
+    num_slices=16,
+    weights="IMAGENET1K_V1",
+    allow_random_init=True,  # ImageNet weights are used when cached locally, else random init
+    vit_patch_size=8,
+    vit_dim=128,
+    vit_spatial_depth=2,
+    vit_slice_depth=2,
+    vit_heads=4,
+    vit_dim_head=32,
+    vit_mlp_dim=256,
+    epochs=8,
+    num_workers=0,
+    eval_batch_size=16,
+)
+
+SMOKE = dataclasses.replace(
+    DEMO,
+    name="smoke",
+    work_dir="data/smoke",
+    synthetic_patients=24,
+    synthetic_shape=(64, 64, 24),
+    synthetic_spacing=(5.5, 5.5, 10.0),
+    target_spacing=(11.0, 11.0, 20.0),  # 32x32x12
+    size_2d=(32, 32, 12),
+    size_3d=(32, 32, 12),
+    num_slices=8,
+    vit_dim=32,
+    vit_spatial_depth=1,
+    vit_slice_depth=1,
+    vit_heads=2,
+    vit_dim_head=16,
+    vit_mlp_dim=64,
+    epochs=2,
+    batch_size=4,
+    eval_batch_size=8,
+    bootstrap=50,
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (PAPER, PAPER480, DEMO, SMOKE)}
+
+
+def get_profile(name: str, **overrides: Any) -> Profile:
+    """The profile called ``name`` with fields replaced by ``overrides`` (strings are parsed)."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose from {sorted(PROFILES)}")
+    prof = PROFILES[name]
+    if not overrides:
+        return prof
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    parsed = {}
+    for key, value in overrides.items():
+        if key not in fields or key == "name":
+            raise ValueError(f"unknown profile field {key!r}; fields are {sorted(fields)}")
+        parsed[key] = _coerce(key, value, getattr(prof, key)) if isinstance(value, str) else value
+    return dataclasses.replace(prof, **parsed)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["epochs=3", "lr=1e-3"]`` -> ``{"epochs": "3", "lr": "1e-3"}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form field=value")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def _coerce(key: str, text: str, current: Any) -> Any:
+    """Parse ``text`` for field ``key``: JSON first (numbers, lists, null, true), else the raw string."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"{key} expects true/false, got {text!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, int) and not isinstance(current, bool) and not isinstance(value, int):
+        raise ValueError(f"{key} expects an integer, got {text!r}")
+    return value
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read a profile saved by :func:`save_profile` (lists become tuples again)."""
+    raw = json.loads(Path(path).read_text())
+    names = {f.name for f in dataclasses.fields(Profile)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+    return Profile(**kwargs)

@@ -1,0 +1,563 @@
+"""Training entry point (section 4.5): ``python -m ctlib.train`` or ``torchrun ... -m ctlib.train``.
+
+One process per GPU under ``torchrun`` (DistributedDataParallel, NCCL) or one or more CPU processes
+(gloo). BCEWithLogitsLoss, AdamW, ReduceLROnPlateau on the validation loss, best checkpoint by
+validation loss, bf16 autocast on GPU. Rank 0 alone logs, draws progress bars and writes files.
+
+A run folder holds ``config.json``, ``history.csv``, ``splits.csv``, ``predictions.csv`` (test),
+``val_predictions.csv``, ``features.npz`` (volume-level features of every volume, for the latent-space
+figure), ``metrics.json``, ``per_class_auroc.csv`` and ``checkpoints/{last,best}.pt``. A killed run
+restarted with the same command resumes from its last completed epoch and ends as an uninterrupted run
+would; a finished run is not trained again unless ``--redo``.
+
+Example::
+
+    python -m ctlib.train --profile smoke --model fusion --alpha learned --out runs/smoke/fusion
+    torchrun --nproc_per_node 4 -m ctlib.train --profile paper --model resnet2d \\
+        --data-root /data/CT-RATE --out runs/paper/resnet2d
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from ctlib import distributed as dist_utils
+from ctlib.cache import Preprocessing, cache_dir, prepare
+from ctlib.data import CLASSES, PreparedVolumes, load_cohort, split_patients
+from ctlib.metrics import bootstrap_auroc, evaluate, predictions_frame
+from ctlib.models import Fusion, ResNet2D, ViT3D, resnet2d_with_fallback
+from ctlib.profiles import MODELS, Profile, get_profile, load_profile, parse_overrides, save_profile
+
+log = logging.getLogger("ctlib.train")
+
+
+# ---------------------------------------------------------------------------------------------
+# data: snapshot -> cohort -> cache -> splits
+# ---------------------------------------------------------------------------------------------
+def synthetic_root(profile: Profile) -> Path:
+    """Where the profile's synthetic snapshot lives (one folder per generator setting)."""
+    x, y, z = profile.synthetic_shape
+    sx, sy, sz = profile.synthetic_spacing
+    key = f"p{profile.synthetic_patients}-{x}x{y}x{z}-{sx:g}x{sy:g}x{sz:g}mm-seed{profile.synthetic_seed}"
+    return Path(profile.work_dir) / "synthetic" / key
+
+
+def ensure_dataset(profile: Profile, *, progress: bool = True) -> Path:
+    """The CT-RATE snapshot to use: ``profile.data_root``, or the synthetic one (generated on first use)."""
+    if profile.data_root is not None:
+        root = Path(profile.data_root)
+        if not root.exists():
+            raise FileNotFoundError(f"data root {root} does not exist (expected a CT-RATE snapshot)")
+        return root
+    from ctlib import synthetic
+
+    root = synthetic_root(profile)
+    if (root / "dataset").exists():
+        return root
+    # Generate beside the target and rename, so a killed generation never looks complete.
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("generating the synthetic CT-RATE snapshot in %s", root)
+    synthetic.generate(
+        tmp,
+        n_patients=profile.synthetic_patients,
+        shape=profile.synthetic_shape,
+        spacing=profile.synthetic_spacing,
+        seed=profile.synthetic_seed,
+        workers=profile.prepare_workers,
+        progress=progress,
+    )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, root)
+    return root
+
+
+def preprocessing_for(profile: Profile, model: str) -> Preprocessing:
+    return Preprocessing(
+        size=tuple(profile.image_size(model)),
+        num_slices=profile.num_slices,
+        hu_range=tuple(profile.hu_range),
+        target_spacing=None if profile.target_spacing is None else tuple(profile.target_spacing),
+    )
+
+
+def cache_root_for(profile: Profile, data_root: Path) -> Path:
+    """Caches are kept per snapshot: ``<work_dir>/cache/<snapshot id>/<preprocessing key>``."""
+    ident = hashlib.sha1(str(data_root.resolve()).encode()).hexdigest()[:10]
+    return Path(profile.work_dir) / "cache" / f"{data_root.resolve().name}-{ident}"
+
+
+def prepare_data(profile: Profile, model: str, *, progress: bool = True) -> tuple[pd.DataFrame, Path]:
+    """Generate (synthetic) and prepare the cache for ``model``; returns (cohort, cache directory).
+
+    Volumes that fail to read are reported by :func:`ctlib.cache.prepare` and dropped from the cohort.
+    """
+    data_root = ensure_dataset(profile, progress=progress)
+    cohort = load_cohort(data_root)
+    prep = preprocessing_for(profile, model)
+    root = cache_root_for(profile, data_root)
+    report = prepare(cohort, root, prep, workers=profile.prepare_workers, progress=progress)
+    if report.failed:
+        cohort = cohort[~cohort["VolumeName"].isin(report.failed)].reset_index(drop=True)
+    return cohort, cache_dir(root, prep)
+
+
+def make_splits(cohort: pd.DataFrame, profile: Profile) -> pd.Series:
+    return split_patients(cohort, fractions=tuple(profile.fractions), seed=profile.split_seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def vit_kwargs(profile: Profile, model: str) -> dict[str, Any]:
+    x, y, _ = profile.image_size(model)
+    if x != y:
+        raise ValueError(f"the ViT needs square slices, the profile gives {x}x{y}")
+    return dict(
+        image_size=x,
+        patch_size=profile.vit_patch_size,
+        max_slices=profile.num_slices,
+        dim=profile.vit_dim,
+        spatial_depth=profile.vit_spatial_depth,
+        slice_depth=profile.vit_slice_depth,
+        heads=profile.vit_heads,
+        dim_head=profile.vit_dim_head,
+        mlp_dim=profile.vit_mlp_dim,
+        dropout=profile.vit_dropout,
+        num_classes=len(CLASSES),
+        gradient_checkpointing=profile.gradient_checkpointing,
+    )
+
+
+def build_model(profile: Profile, model: str, alpha: float | str = 1.0, *, pretrained: bool = True) -> nn.Module:
+    """The paper's ``model`` for ``profile``. ``pretrained=False`` skips loading ResNet weights
+    (used when a checkpoint will overwrite them anyway)."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+    weights = profile.weights if pretrained else None
+    if model == "vit3d":
+        return ViT3D(**vit_kwargs(profile, model))
+    resnet = resnet2d_with_fallback(weights, allow_random=profile.allow_random_init)
+    if model == "resnet2d":
+        return resnet
+    return Fusion(resnet=resnet, vit=ViT3D(**vit_kwargs(profile, model)), alpha=alpha,
+                  alpha_init=profile.alpha_init)
+
+
+def weights_used(model: nn.Module) -> str:
+    if isinstance(model, ResNet2D):
+        return model.weights_used
+    if isinstance(model, Fusion):
+        return model.resnet.weights_used
+    return "random (ViT3D is trained from scratch)"
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunSpec:
+    """What a run is: the profile, the model and alpha. Its hash guards resumption."""
+
+    profile: Profile
+    model: str
+    alpha: float | str = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile.to_dict(), "model": self.model, "alpha": self.alpha}
+
+    def fingerprint(self) -> str:
+        d = self.to_dict()
+        # Where data and work files live does not change the result; everything else does.
+        d["profile"] = {k: v for k, v in d["profile"].items() if k not in ("work_dir", "num_workers",
+                                                                            "prepare_workers", "extra")}
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _alpha_beta(model: nn.Module) -> tuple[float, float]:
+    m = _unwrap(model)
+    if isinstance(m, Fusion):
+        return m.alpha_value, m.beta_value
+    return float("nan"), float("nan")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: PreparedVolumes | Subset, *, batch_size: int, device: torch.device,
+            bf16: bool = False, progress: bool = False, desc: str = "predict") -> dict[str, np.ndarray]:
+    """Scores every volume of ``dataset`` exactly once, across all ranks.
+
+    Returns ``index`` (N,), ``logits`` (N, 18), ``probs`` (N, 18), ``labels`` (N, 18) and
+    ``features`` (N, D), sorted by dataset index, identical on every rank.
+    """
+    model.eval()
+    world = dist_utils.world_size()
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=dist_utils.rank(), shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0)
+    positions = list(iter(sampler))
+    idx_all, out_all, lab_all = [], [], []
+    seen = 0
+    it = tqdm(loader, desc=desc, leave=False, disable=not (progress and dist_utils.is_main()))
+    for volumes, labels, _names in it:
+        n = volumes.shape[0]
+        volumes = volumes.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            logits, feats = _unwrap(model)(volumes, return_features=True)
+        out_all.append(torch.cat([logits.float(), feats.float()], dim=1).cpu())
+        lab_all.append(labels.float())
+        idx_all.append(torch.as_tensor(positions[seen:seen + n], dtype=torch.long))
+        seen += n
+    idx, out, lab = dist_utils.gather_predictions(torch.cat(idx_all), torch.cat(out_all), torch.cat(lab_all))
+    c = len(CLASSES)
+    logits = out[:, :c].numpy()
+    return {"index": idx.numpy(), "logits": logits, "probs": 1.0 / (1.0 + np.exp(-logits)),
+            "labels": lab.numpy(), "features": out[:, c:].numpy()}
+
+
+def _bce(logits: np.ndarray, labels: np.ndarray) -> float:
+    t = torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits),
+                                                             torch.from_numpy(labels))
+    return float(t)
+
+
+def _quick_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
+    from ctlib.metrics import score
+
+    return float(score(labels, probs)["auroc"])
+
+
+def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool = True,
+          after_epoch: Callable[[int], None] | None = None) -> dict[str, Any] | None:
+    """Trains and evaluates one run into ``out``; returns the metrics (on rank 0, else None).
+
+    ``after_epoch(epoch)`` is called after each epoch's checkpoint is on disk (tests use it to
+    simulate a kill).
+    """
+    profile, model_name = spec.profile, spec.model
+    out = Path(out)
+    rank, world, device = dist_utils.setup()
+    main = dist_utils.is_main()
+    try:
+        if profile.batch_size % world:
+            raise ValueError(f"batch_size {profile.batch_size} is not divisible by {world} processes")
+        fp = spec.fingerprint()
+        ckpt_dir = out / "checkpoints"
+        if main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            done = out / "metrics.json"
+            if redo:
+                for name in ("metrics.json", "history.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
+                    (out / name).unlink(missing_ok=True)
+            elif done.exists() and json.loads((out / "config.json").read_text()).get("fingerprint") == fp:
+                log.info("%s is complete (metrics.json present); use --redo to train again", out)
+        finished = dist_utils.broadcast_object(
+            main and not redo and (out / "metrics.json").exists()
+            and json.loads((out / "config.json").read_text()).get("fingerprint") == fp)
+        if finished:
+            return json.loads((out / "metrics.json").read_text()) if main else None
+
+        # Data: rank 0 generates and prepares, the others wait, then all read the same cache.
+        if main:
+            prepare_data(profile, model_name, progress=progress)
+        dist_utils.barrier()
+        cohort, cdir = prepare_data(profile, model_name, progress=False)
+        splits = make_splits(cohort, profile)
+        dataset = PreparedVolumes(cdir, cohort)
+        parts = {s: Subset(dataset, np.flatnonzero((splits == s).to_numpy()).tolist())
+                 for s in ("train", "val", "test")}
+        for s, sub in parts.items():
+            if len(sub) == 0:
+                raise ValueError(f"the {s} split is empty: the cohort has {len(cohort)} volumes")
+
+        torch.manual_seed(profile.seed)
+        model = build_model(profile, model_name, spec.alpha).to(device)
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        opt = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=profile.plateau_factor, patience=profile.plateau_patience)
+        loss_fn = nn.BCEWithLogitsLoss()
+        history: list[dict[str, float]] = []
+        best_val = math.inf
+        start_epoch = 0
+
+        last = ckpt_dir / "last.pt"
+        if last.exists():
+            state = torch.load(last, map_location="cpu", weights_only=True)
+            if state["fingerprint"] != fp:
+                raise RuntimeError(
+                    f"{out} holds a run with other settings (fingerprint {state['fingerprint']} != {fp}); "
+                    "use another --out, or --redo to discard it")
+            _unwrap(model).load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            history = list(state["history"])
+            best_val = float(state["best_val_loss"])
+            start_epoch = int(state["epoch"]) + 1
+            torch.set_rng_state(state["rng"])
+            if main:
+                log.info("resuming %s from epoch %d", out, start_epoch + 1)
+
+        if main:
+            config = {**spec.to_dict(), "fingerprint": fp, "world_size": world, "device": str(device),
+                      "weights_used": weights_used(_unwrap(model)),
+                      "data": _data_description(profile), "cache_dir": str(cdir),
+                      "n_volumes": {s: len(p) for s, p in parts.items()}}
+            _atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+            save_profile(profile, out / "profile.json")
+            pd.DataFrame({"VolumeName": cohort["VolumeName"], "patient": cohort["patient"],
+                          "split": splits.to_numpy()}).to_csv(out / "splits.csv", index=False)
+            log.info("%s: %s on %d process(es) [%s], weights: %s, volumes train/val/test = %s", out,
+                     model_name, world, device, config["weights_used"],
+                     "/".join(str(len(parts[s])) for s in ("train", "val", "test")))
+
+        per_rank = profile.batch_size // world
+        sampler = DistributedSampler(parts["train"], num_replicas=world, rank=rank, shuffle=True,
+                                     seed=profile.seed, drop_last=False)
+        loader = DataLoader(parts["train"], batch_size=per_rank, sampler=sampler,
+                            num_workers=profile.num_workers, pin_memory=device.type == "cuda",
+                            persistent_workers=profile.num_workers > 0)
+        use_bf16 = profile.bf16 and device.type == "cuda"
+
+        for epoch in range(start_epoch, profile.epochs):
+            t0 = time.time()
+            model.train()
+            sampler.set_epoch(epoch)
+            total, count = 0.0, 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs} train", leave=False,
+                       disable=not (progress and main))
+            for step, (volumes, labels, _names) in enumerate(bar):
+                if profile.max_steps_per_epoch is not None and step >= profile.max_steps_per_epoch:
+                    break
+                volumes, labels = volumes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = model(volumes)
+                loss = loss_fn(logits.float(), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * volumes.shape[0]
+                count += volumes.shape[0]
+                bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+            train_loss = dist_utils.all_reduce_mean(total / max(count, 1))
+
+            val = predict(model, parts["val"], batch_size=profile.eval_batch_size, device=device,
+                          bf16=use_bf16, progress=progress, desc=f"epoch {epoch + 1} val")
+            val_loss = _bce(val["logits"], val["labels"])
+            sched.step(val_loss)
+            alpha, beta = _alpha_beta(model)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                   "val_auroc": _quick_auroc(val["labels"], val["probs"]),
+                   "lr": opt.param_groups[0]["lr"], "alpha": alpha, "beta": beta,
+                   "seconds": time.time() - t0}
+            history.append(row)
+            improved = val_loss < best_val
+            best_val = min(best_val, val_loss)
+            if main:
+                if improved:
+                    _atomic_torch_save({"model": _unwrap(model).state_dict(), "epoch": epoch,
+                                        "fingerprint": fp}, ckpt_dir / "best.pt")
+                _atomic_torch_save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                                    "best_val_loss": best_val, "rng": torch.get_rng_state(),
+                                    "fingerprint": fp}, last)
+                _write_history(out / "history.csv", history)
+                log.info("epoch %d/%d  train %.4f  val %.4f  val AUROC %.3f  lr %.2g%s  %.0fs", epoch + 1,
+                         profile.epochs, train_loss, val_loss, row["val_auroc"], row["lr"],
+                         "" if math.isnan(alpha) else f"  alpha {alpha:.3f}", row["seconds"])
+            dist_utils.barrier()
+            if after_epoch is not None:
+                after_epoch(epoch)
+
+        # Evaluation with the best checkpoint (by validation loss).
+        best = torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=True)
+        _unwrap(model).load_state_dict(best["model"])
+        preds = predict(model, dataset, batch_size=profile.eval_batch_size, device=device, bf16=use_bf16,
+                        progress=progress, desc="final predictions")
+        if not main:
+            return None
+        return _write_results(out, spec, cohort, splits, preds, best_epoch=int(best["epoch"]) + 1,
+                              history=history, model=model)
+    finally:
+        dist_utils.teardown()
+
+
+def _data_description(profile: Profile) -> str:
+    if profile.data_root is None:
+        return f"synthetic CT-RATE-format phantoms ({synthetic_root(profile)})"
+    return f"CT-RATE snapshot at {profile.data_root}"
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+def _write_results(out: Path, spec: RunSpec, cohort: pd.DataFrame, splits: pd.Series,
+                   preds: dict[str, np.ndarray], *, best_epoch: int, history: list[dict[str, float]],
+                   model: nn.Module) -> dict[str, Any]:
+    names = cohort["VolumeName"].to_numpy()[preds["index"]]
+    split_of = splits.to_numpy()[preds["index"]]
+    patients = cohort["patient"].to_numpy()[preds["index"]]
+    sel = {s: split_of == s for s in ("val", "test")}
+    predictions_frame(names[sel["test"]], preds["labels"][sel["test"]], preds["probs"][sel["test"]]).to_csv(
+        out / "predictions.csv", index=False)
+    predictions_frame(names[sel["val"]], preds["labels"][sel["val"]], preds["probs"][sel["val"]]).to_csv(
+        out / "val_predictions.csv", index=False)
+    np.savez_compressed(out / "features.npz", names=names.astype(str), split=split_of.astype(str),
+                        patient=patients.astype(str), labels=preds["labels"], probs=preds["probs"],
+                        features=preds["features"])
+    t, v = sel["test"], sel["val"]
+    result = evaluate(preds["labels"][t], preds["probs"][t], preds["labels"][v], preds["probs"][v])
+    ci = bootstrap_auroc(preds["labels"][t], preds["probs"][t], groups=patients[t],
+                         n_boot=spec.profile.bootstrap, seed=spec.profile.seed)
+    ci.to_csv(out / "per_class_auroc.csv", index_label="class")
+    alpha, beta = _alpha_beta(model)
+    default = result["default"]
+    metrics = {
+        "model": spec.model,
+        "alpha": spec.alpha,
+        "alpha_final": None if math.isnan(alpha) else alpha,
+        "beta_final": None if math.isnan(beta) else beta,
+        "auroc": default["auroc"],
+        "accuracy": default["accuracy"],
+        "precision": default["precision"],
+        "recall": default["recall"],
+        "f1": default["f1"],
+        "per_class_auroc": default["per_class_auroc"],
+        "skipped_classes": default["skipped_classes"],
+        "auroc_ci": [float(ci.loc["macro", "low"]), float(ci.loc["macro", "high"])] if "macro" in ci.index
+        else None,
+        "val_tuned": {k: result["val_tuned"][k] for k in ("auroc", "accuracy", "precision", "recall", "f1")},
+        "ctclip": {k: v for k, v in result["ctclip"].items() if not isinstance(v, dict)},
+        "best_epoch": best_epoch,
+        "epochs": len(history),
+        "train_seconds": float(sum(h["seconds"] for h in history)),
+        "weights": weights_used(_unwrap(model)),
+        "data": _data_description(spec.profile),
+        "profile": spec.profile.name,
+        "n_test": int(t.sum()),
+        "n_val": int(v.sum()),
+    }
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n")
+    log.info("%s test: AUROC %.3f  accuracy %.3f  precision %.3f  recall %.3f (best epoch %d)", out,
+             metrics["auroc"], metrics["accuracy"], metrics["precision"], metrics["recall"], best_epoch)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# reading runs back (notebooks)
+# ---------------------------------------------------------------------------------------------
+def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Profile, dict]:
+    """The best model of a finished run, its profile and its config (for figures and retrieval)."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    profile = load_profile(run_dir / "profile.json")
+    model = build_model(profile, config["model"], config["alpha"], pretrained=False)
+    state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), profile, config
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ctlib.train",
+        description="Train and evaluate one model of the paper (ResNet2D, ViT3D or their residual fusion). "
+        "Launch with torchrun for several processes (one per GPU). Without --data-root the profile's "
+        "synthetic CT-RATE-format dataset is generated and prepared on first use.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--profile", default="demo", help="smoke, demo, paper or paper480")
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--alpha", default="1.0",
+                   help="fusion only: weight of the 3D residual, a number or 'learned'")
+    p.add_argument("--data-root", default=None, help="a CT-RATE snapshot (folder holding dataset/)")
+    p.add_argument("--work-dir", default=None, help="where synthetic data and caches go (default: profile)")
+    p.add_argument("--out", required=True, help="run folder (created; a run there is resumed)")
+    p.add_argument("--seed", type=int, default=None, help="shorthand for --set seed=N")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a profile field, e.g. --set epochs=3 --set lr=1e-3")
+    p.add_argument("--redo", action="store_true", help="discard a finished or partial run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_alpha(text: str | float) -> float | str:
+    if isinstance(text, float):
+        return text
+    if text == "learned":
+        return "learned"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--alpha must be a number or 'learned', got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if dist_utils.env_rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    overrides = parse_overrides(args.overrides)
+    if args.data_root is not None:
+        overrides["data_root"] = args.data_root
+    if args.work_dir is not None:
+        overrides["work_dir"] = args.work_dir
+    if args.seed is not None:
+        overrides["seed"] = str(args.seed)
+    profile = get_profile(args.profile, **overrides)
+    alpha = parse_alpha(args.alpha)
+    if args.model != "fusion" and args.alpha != "1.0":
+        raise SystemExit("--alpha applies to --model fusion only")
+    train(RunSpec(profile, args.model, alpha), args.out, redo=args.redo, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

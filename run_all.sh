@@ -20,6 +20,8 @@ SEED=0
 GPUS=""
 REDO=False
 ONLY=""
+OUT_ROOT="$HERE"
+NB_DIR="$HERE/notebooks"
 MODE=paper
 CELL_TIMEOUT=86400
 
@@ -35,6 +37,8 @@ Options:
   --seed N          training seed (default 0); outputs of seed N>0 are tagged <profile>-seedN
   --gpus N          processes per training run (default: all visible GPUs, or 1 on CPU)
   --only LIST       run only these notebooks, e.g. --only 01,06
+  --out DIR         root for data/, runs/, figures/, results/ (default: this folder)
+  --notebooks DIR   the notebooks to run (default: notebooks/)
   --redo            retrain runs whose results already exist (default: reuse them)
   --tests           set up, then run the test suite (tests/) instead of the notebooks
   --setup-only      set up the environment and stop
@@ -51,6 +55,8 @@ while [[ $# -gt 0 ]]; do
     --seed) SEED="$2"; shift 2 ;;
     --gpus) GPUS="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
+    --out) mkdir -p "$2"; OUT_ROOT="$(cd "$2" && pwd)"; shift 2 ;;
+    --notebooks) NB_DIR="$(cd "$2" && pwd)"; shift 2 ;;
     --redo) REDO=True; shift ;;
     --tests) MODE=tests; shift ;;
     --setup-only) MODE=setup; shift ;;
@@ -106,7 +112,7 @@ fi
 # --------------------------------------------------------------------------------------------
 TAG="$("$PY" -c "from ctlib.launch import run_tag; print(run_tag('$PROFILE', $SEED))")"
 "$PY" -c "from ctlib.profiles import get_profile; get_profile('$PROFILE')" || exit 2
-RUNS="$HERE/runs"; FIGS="$HERE/figures"; RESULTS="$HERE/results"; WORK="$HERE/data"
+RUNS="$OUT_ROOT/runs"; FIGS="$OUT_ROOT/figures"; RESULTS="$OUT_ROOT/results"; WORK="$OUT_ROOT/data"
 EXEC_DIR="$RUNS/$TAG/notebooks"
 mkdir -p "$EXEC_DIR"
 
@@ -117,12 +123,15 @@ params=(-p profile "$PROFILE" -p work_dir "$WORK" -p runs_dir "$RUNS" -p figures
 
 declare -a failed=() timings=()
 start_all=$SECONDS
-for nb in notebooks/[0-9][0-9]_*.ipynb; do
+shopt -s nullglob
+notebooks=("$NB_DIR"/[0-9][0-9]_*.ipynb)
+[[ ${#notebooks[@]} -gt 0 ]] || { echo "run_all.sh: no notebooks in $NB_DIR" >&2; exit 1; }
+for nb in "${notebooks[@]}"; do
   name="$(basename "$nb" .ipynb)"
   if [[ -n "$ONLY" && ",$ONLY," != *",${name:0:2},"* ]]; then continue; fi
   log "=== $name (profile $PROFILE, seed $SEED)"
   t0=$SECONDS
-  if "$PY" -m papermill "$nb" "$EXEC_DIR/$name.ipynb" -k python3 --cwd notebooks \
+  if "$PY" -m papermill "$nb" "$EXEC_DIR/$name.ipynb" -k python3 --cwd "$NB_DIR" \
        --log-output --no-progress-bar --execution-timeout "$CELL_TIMEOUT" "${params[@]}"; then
     status=ok
   else

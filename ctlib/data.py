@@ -5,7 +5,22 @@ See ``../shared/ctrate-format.md`` for the layout this module honours.
 
 from __future__ import annotations
 
+import csv
+import logging
+import math
 import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 # The 18 abnormality classes: CT-RATE's spelling and order (labels CSV header).
 CLASSES: tuple[str, ...] = (
@@ -94,3 +109,673 @@ def volume_relpath(name: str, *, fixed: bool = False) -> str:
     p = parse_volume_name(name)
     top = p["source_split"] + ("_fixed" if fixed else "")
     return f"{top}/{p['patient']}/{p['scan']}/{p['stem']}.nii.gz"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cohort: which volumes are on disk, labelled, and convertible to HU.
+# ---------------------------------------------------------------------------------------------------------
+
+logger = logging.getLogger(__name__)
+
+SOURCE_SPLITS: tuple[str, ...] = ("train", "valid")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# Metadata columns the loader needs (the rest of METADATA_COLUMNS is carried by the CSV but unused here).
+_METADATA_NEEDED: tuple[str, ...] = ("VolumeName", "XYSpacing", "RescaleIntercept", "RescaleSlope", "ZSpacing")
+_SNAPSHOT_MARKERS: tuple[str, ...] = (
+    "multi_abnormality_labels",
+    "metadata",
+    "train",
+    "valid",
+    "train_fixed",
+    "valid_fixed",
+)
+
+# Plausible HU for a chest CT after conversion (see read_hu).
+HU_PLAUSIBLE: tuple[float, float] = (-1100.0, 3000.0)
+
+StrPath = str | PathLike[str]
+
+
+def dataset_root(root: StrPath) -> Path:
+    """The ``dataset/`` folder of a snapshot, given the snapshot folder or ``dataset/`` itself.
+
+    Raises:
+        DataError: neither ``root/dataset`` nor ``root`` looks like CT-RATE's ``dataset/`` folder.
+    """
+    root = Path(root).expanduser()
+    for candidate in (root / "dataset", root):
+        if candidate.is_dir() and any((candidate / m).is_dir() for m in _SNAPSHOT_MARKERS):
+            return candidate.resolve()
+    raise DataError(
+        f"{root}: not a CT-RATE snapshot: expected {root / 'dataset'} (or {root} itself) to hold "
+        "multi_abnormality_labels/, metadata/ and train[_fixed]/ or valid[_fixed]/"
+    )
+
+
+def _read_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), None)
+    if header is None:
+        raise DataError(f"{path}: empty file, expected a CSV header")
+    return header
+
+
+def _header_difference(got: Sequence[str], expected: Sequence[str]) -> str:
+    missing = [c for c in expected if c not in got]
+    unexpected = [c for c in got if c not in expected]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing}")
+    if unexpected:
+        parts.append(f"unexpected {unexpected}")
+    duplicated = sorted({c for c in got if list(got).count(c) > 1})
+    if duplicated:
+        parts.append(f"duplicated {duplicated}")
+    if not parts:
+        i = next(i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e)
+        parts.append(f"same columns in another order: column {i} is {got[i]!r}, expected {expected[i]!r}")
+    return "; ".join(parts)
+
+
+def _canonical_names(names: pd.Series, path: Path, split: str) -> list[str]:
+    """``VolumeName`` values as ``<stem>.nii.gz``, checked against the name rule and the file's split."""
+    out = []
+    for name in names.tolist():
+        if not isinstance(name, str):
+            raise DataError(f"{path}: empty VolumeName in a row")
+        try:
+            info = parse_volume_name(name.strip())
+        except DataError as err:
+            raise DataError(f"{path}: {err}") from None
+        if info["source_split"] != split:
+            raise DataError(f"{path}: {name!r} is a {info['source_split']} volume in the {split} file")
+        out.append(info["stem"] + ".nii.gz")
+    duplicated = sorted({n for n, k in Counter(out).items() if k > 1})
+    if duplicated:
+        raise DataError(f"{path}: {len(duplicated)} VolumeName(s) listed more than once, e.g. {duplicated[:3]}")
+    return out
+
+
+def _read_labels(path: Path, split: str) -> pd.DataFrame:
+    """Labels CSV -> DataFrame with VolumeName (canonical) and the 18 classes as int64 0/1."""
+    if not path.is_file():
+        raise DataError(f"missing labels CSV for the {split} split: expected {path}")
+    header = _read_header(path)
+    if tuple(header) != LABEL_COLUMNS:
+        raise DataError(
+            f"{path}: header is not CT-RATE's labels header: {_header_difference(header, LABEL_COLUMNS)}"
+        )
+    df = pd.read_csv(path, dtype={"VolumeName": "str"}, encoding="utf-8-sig")
+    out = {"VolumeName": _canonical_names(df["VolumeName"], path, split)}
+    for c in CLASSES:
+        values = pd.to_numeric(df[c], errors="coerce")
+        bad = ~values.isin([0, 1])
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(
+                f"{path}: column {c!r} must hold 0 or 1; {int(bad.sum())} value(s) do not, "
+                f"e.g. {df[c].iloc[i]!r} for {df['VolumeName'].iloc[i]}"
+            )
+        out[c] = values.to_numpy(dtype=np.int64)
+    return pd.DataFrame(out)
+
+
+def _parse_xy_spacing(value: Any, path: Path, name: str) -> float:
+    """``"[0.341796875, 0.341796875]"`` -> 0.341796875; empty -> NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.nan
+    text = str(value).strip().strip("[]()").strip()
+    if not text:
+        return math.nan
+    try:
+        return float(re.split(r"[,\s]+", text)[0])
+    except ValueError:
+        raise DataError(f"{path}: XYSpacing {value!r} of {name} is not a list of numbers") from None
+
+
+def _read_metadata(path: Path, split: str) -> pd.DataFrame:
+    """Metadata CSV -> DataFrame indexed by VolumeName with float RescaleSlope, RescaleIntercept,
+    XYSpacing, ZSpacing (NaN where empty)."""
+    if not path.is_file():
+        raise DataError(f"missing metadata CSV for the {split} split: expected {path}")
+    header = _read_header(path)
+    missing = [c for c in _METADATA_NEEDED if c not in header]
+    if missing:
+        raise DataError(f"{path}: metadata header lacks column(s) {missing}")
+    if tuple(header) != METADATA_COLUMNS:
+        logger.warning("%s: header differs from CT-RATE's metadata header (%s); using the columns needed",
+                       path, _header_difference(header, METADATA_COLUMNS))
+    df = pd.read_csv(path, usecols=list(_METADATA_NEEDED), dtype="str", keep_default_na=False,
+                     encoding="utf-8-sig").drop_duplicates()
+    names = _canonical_names(df["VolumeName"], path, split)
+    out: dict[str, Any] = {}
+    for c in ("RescaleSlope", "RescaleIntercept", "ZSpacing"):
+        raw = df[c].str.strip()
+        values = pd.to_numeric(raw.replace("", None), errors="coerce")
+        bad = values.isna() & raw.ne("")
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{path}: column {c!r} holds {raw.iloc[i]!r} for {names[i]}, expected a number")
+        out[c] = values.to_numpy(dtype=np.float64)
+    out["XYSpacing"] = np.array(
+        [_parse_xy_spacing(v, path, n) for v, n in zip(df["XYSpacing"].tolist(), names, strict=True)],
+        dtype=np.float64,
+    )
+    return pd.DataFrame(out, index=pd.Index(names, name="VolumeName"))
+
+
+def read_no_chest(path: StrPath) -> set[str]:
+    """VolumeNames (``<stem>.nii.gz``) listed in a ``no_chest_*.txt``; empty when the file is absent."""
+    path = Path(path)
+    if not path.is_file():
+        logger.debug("%s: absent, no volume excluded as non-chest", path)
+        return set()
+    names, unreadable = set(), 0
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
+        token = line.strip().strip("\"'")
+        if not token or token.startswith("#"):
+            continue
+        try:
+            names.add(parse_volume_name(token.replace("\\", "/").rsplit("/", 1)[-1])["stem"] + ".nii.gz")
+        except DataError:
+            unreadable += 1
+    if unreadable:
+        logger.warning("%s: %d line(s) are not CT-RATE volume names and were ignored", path, unreadable)
+    return names
+
+
+def _scan_volumes(ds: Path, split: str, counts: Counter) -> dict[str, tuple[Path, bool]]:
+    """Volumes on disk for a split: name -> (path, hu_ready); ``*_fixed`` wins over the original."""
+    found: dict[str, tuple[Path, bool]] = {}
+    for fixed in (False, True):
+        top = ds / (split + ("_fixed" if fixed else ""))
+        if not top.is_dir():
+            continue
+        for path in sorted(top.rglob("*.nii.gz")):
+            try:
+                info = parse_volume_name(path.name)
+            except DataError:
+                counts["badly named files"] += 1
+                continue
+            if info["source_split"] != split:
+                counts["files in another split's folder"] += 1
+                continue
+            found[info["stem"] + ".nii.gz"] = (path, fixed)
+    return found
+
+
+def _split_present(ds: Path, split: str) -> bool:
+    return any(
+        [
+            (ds / split).is_dir(),
+            (ds / f"{split}_fixed").is_dir(),
+            (ds / LABELS_CSV[split]).is_file(),
+            (ds / METADATA_CSV[split]).is_file(),
+        ]
+    )
+
+
+_COHORT_STR = ("VolumeName", "path", "patient", "scan", "source_split")
+
+
+def _load_split(ds: Path, split: str, counts: Counter) -> pd.DataFrame:
+    labels = _read_labels(ds / LABELS_CSV[split], split)
+    meta = _read_metadata(ds / METADATA_CSV[split], split)
+    no_chest = read_no_chest(ds / NO_CHEST_TXT[split])
+    on_disk = _scan_volumes(ds, split, counts)
+
+    labelled = set(labels["VolumeName"])
+    counts["labelled but not on disk"] += len(labelled - on_disk.keys())
+    counts["on disk without a label row"] += len(on_disk.keys() - labelled)
+    counts["not chest CT (no_chest list)"] += len(on_disk.keys() & labelled & no_chest)
+    keep = sorted((on_disk.keys() & labelled) - no_chest)
+
+    meta = meta.reindex(keep)
+    hu_ready = np.array([on_disk[n][1] for n in keep], dtype=bool)
+    no_meta = meta["RescaleSlope"].isna().to_numpy() | meta["RescaleIntercept"].isna().to_numpy()
+    # An original without slope/intercept cannot be converted to HU: skip it. A fixed volume is already
+    # in HU and only loses its CSV spacing (its NIfTI header carries one).
+    counts["originals without RescaleSlope/RescaleIntercept (skipped)"] += int((no_meta & ~hu_ready).sum())
+    counts["fixed volumes without metadata row (kept)"] += int((no_meta & hu_ready).sum())
+    use = ~(no_meta & ~hu_ready)
+    keep = [n for n, u in zip(keep, use, strict=True) if u]
+    meta, hu_ready = meta.loc[keep], hu_ready[use]
+
+    parsed = [parse_volume_name(n) for n in keep]
+    cols: dict[str, Any] = {
+        "VolumeName": keep,
+        "path": [str(on_disk[n][0]) for n in keep],
+        "patient": [p["patient"] for p in parsed],
+        "scan": [p["scan"] for p in parsed],
+        "reconstruction": np.array([int(p["reconstruction"]) for p in parsed], dtype=np.int64),
+        "source_split": [split] * len(keep),
+        "hu_ready": hu_ready,
+    }
+    for c in ("RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"):
+        cols[c] = meta[c].to_numpy(dtype=np.float64)
+    lab = labels.set_index("VolumeName").loc[keep]
+    for c in CLASSES:
+        cols[c] = lab[c].to_numpy(dtype=np.int64)
+    return pd.DataFrame(cols).astype({c: "str" for c in _COHORT_STR})
+
+
+def load_cohort(root: StrPath) -> pd.DataFrame:
+    """The labelled chest-CT volumes of a CT-RATE snapshot that are on disk, one row per volume.
+
+    Args:
+        root: the snapshot folder holding ``dataset/``, or the ``dataset/`` folder itself. Both source
+            splits (train, valid) are read when present.
+
+    Returns:
+        DataFrame sorted by VolumeName, index 0..n-1, columns ``VolumeName`` (``train_1_a_1.nii.gz``),
+        ``path`` (absolute), ``patient``, ``scan``, ``reconstruction`` (int), ``source_split``,
+        ``hu_ready`` (True for ``*_fixed`` volumes, preferred over the original), ``RescaleSlope``,
+        ``RescaleIntercept``, ``XYSpacing``, ``ZSpacing`` (float, NaN where unknown) and the 18
+        ``CLASSES`` (int 0/1). Labelled volumes absent from disk (a downloaded subset), files without a
+        label row, non-chest volumes and originals without slope/intercept are left out and counted in one
+        INFO log line.
+
+    Raises:
+        DataError: not a snapshot, a labels/metadata CSV missing (names the expected path), a labels header
+            not exactly ``LABEL_COLUMNS``, a label other than 0/1, or a malformed metadata value.
+    """
+    ds = dataset_root(root)
+    present = [s for s in SOURCE_SPLITS if _split_present(ds, s)]
+    if not present:
+        raise DataError(f"{ds}: no CT-RATE split found: expected {ds / LABELS_CSV['train']} "
+                        f"and/or {ds / LABELS_CSV['valid']}")
+    counts: Counter = Counter()
+    frames = [_load_split(ds, s, counts) for s in present]
+    cohort = pd.concat(frames, ignore_index=True).sort_values("VolumeName", ignore_index=True)
+    left_out = ", ".join(f"{n} {what}" for what, n in counts.items() if n) or "none left out"
+    logger.info("%s: %d volumes of %d patients (%s); %s", ds, len(cohort), cohort["patient"].nunique(),
+                "+".join(present), left_out)
+    return cohort
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HU conversion
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_plausible(hu: np.ndarray, path: Path) -> None:
+    """Reject non-finite values and intensities no chest CT has (a wrong or double rescale)."""
+    n = hu.size
+    if n == 0:
+        raise DataError(f"{path}: empty volume (shape {hu.shape})")
+    # One float64 sum is NaN/inf iff any voxel is; counting only on failure keeps the fast path fast.
+    if not np.isfinite(hu.sum(dtype=np.float64)):
+        bad = int(n - np.count_nonzero(np.isfinite(hu)))
+        raise DataError(f"{path}: {bad} non-finite voxel(s) (NaN or inf); the file is corrupt")
+    lo, hi = HU_PLAUSIBLE
+    below = np.count_nonzero(hu < lo) / n
+    above = np.count_nonzero(hu > hi) / n
+    # Exact median for small volumes; a regular 1/16 in-plane subsample for full-size ones (it is a
+    # cross-check of the exact fractions above, not a statistic we report).
+    sample = hu if n <= 1 << 22 else hu[::4, ::4]
+    median = float(np.median(sample))
+    if below > 0.5 or median < lo:
+        raise DataError(
+            f"{path}: implausible for a chest CT after HU conversion: {below:.0%} of voxels below {lo:g} HU "
+            f"(median {median:.0f} HU). This is the double-rescale symptom: a volume already in HU (a "
+            "'*_fixed' file) had RescaleSlope/RescaleIntercept applied again, shifting it about -1024 HU. "
+            "Check that hu_ready matches the folder (train_fixed/ vs train/) and that the file was not "
+            "rewritten with the intercept already applied."
+        )
+    if above > 0.5 or median > hi:
+        raise DataError(
+            f"{path}: implausible for a chest CT after HU conversion: {above:.0%} of voxels above {hi:g} HU "
+            f"(median {median:.0f} HU). The stored values were probably not rescaled (missing or wrong "
+            "RescaleSlope/RescaleIntercept)."
+        )
+
+
+def read_hu(row: Mapping[str, Any]) -> np.ndarray:
+    """Read one volume in Hounsfield units.
+
+    Originals hold raw scanner values behind a blank header: HU = RescaleSlope * stored + RescaleIntercept
+    (from the metadata CSV), applied once to the raw stored array. ``*_fixed`` volumes (``hu_ready``) are
+    already in HU: only their NIfTI header scaling (if any) is applied, never the CSV's.
+
+    Args:
+        row: a cohort row (or mapping) with ``path``, ``hu_ready``, ``RescaleSlope``, ``RescaleIntercept``.
+
+    Returns:
+        float32 array (X, Y, Z) in HU.
+
+    Raises:
+        DataError (message names the file): missing file, truncated or corrupt gzip/NIfTI, not 3D,
+            non-finite values, or intensities implausible for a chest CT (more than half the voxels below
+            -1100 HU or above 3000 HU, or the median outside that range: the double-rescale symptom).
+            Air at -3024/-2048 HU outside the field of view and metal above 3000 HU are accepted.
+    """
+    path = Path(str(row["path"]))
+    hu_ready = bool(row["hu_ready"])
+    if not path.is_file():
+        raise DataError(f"{path}: volume file not found")
+    if not hu_ready:
+        slope, intercept = float(row["RescaleSlope"]), float(row["RescaleIntercept"])
+        if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+            raise DataError(f"{path}: original volume needs RescaleSlope/RescaleIntercept from the metadata "
+                            f"CSV, got slope={slope} intercept={intercept}")
+    try:
+        img = nib.load(path)
+        shape = tuple(int(s) for s in img.shape)
+    except Exception as err:
+        raise DataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from err
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    elif len(shape) != 3:
+        raise DataError(f"{path}: array of shape {shape}, expected a 3D volume (X, Y, Z)")
+    try:
+        if hu_ready:
+            # Header scaling (scl_slope/scl_inter) applied by nibabel when present; the CSV's never.
+            hu = np.asarray(img.dataobj, dtype=np.float32)
+        else:
+            # Raw stored values: original headers are blank, so never trust (or apply) them.
+            proxy = img.dataobj
+            raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+            hu = raw.astype(np.float32)
+            del raw
+            hu *= np.float32(slope)
+            hu += np.float32(intercept)
+    except Exception as err:
+        raise DataError(f"{path}: cannot decode the volume data; the file is truncated or corrupt "
+                        f"({type(err).__name__}: {err})") from err
+    hu = hu.reshape(shape)
+    _check_plausible(hu, path)
+    return hu
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing (paper section 3.1)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _as_triple(name: str, value: Any, *, integer: bool) -> tuple:
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must hold 3 values (X, Y, Z), got {value!r}") from None
+    if len(items) != 3:
+        raise ValueError(f"{name} must hold 3 values (X, Y, Z), got {value!r}")
+    if integer:
+        if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in items):
+            raise ValueError(f"{name} must be 3 positive integers, got {value!r}")
+        return tuple(int(v) for v in items)
+    try:
+        out = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be 3 positive numbers in mm, got {value!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        raise ValueError(f"{name} must be 3 positive finite numbers in mm, got {value!r}")
+    return out
+
+
+def check_preprocess_args(
+    size: Sequence[int],
+    num_slices: int,
+    hu_range: Sequence[float],
+    target_spacing: Sequence[float] | None,
+) -> tuple[tuple[int, int, int], int, tuple[float, float], tuple[float, float, float] | None]:
+    """Validate and normalise ``preprocess`` settings; returns them as tuples.
+
+    Raises:
+        ValueError: naming the bad value.
+    """
+    size = _as_triple("size", size, integer=True)
+    if isinstance(num_slices, bool) or not isinstance(num_slices, int | np.integer) or num_slices < 1:
+        raise ValueError(f"num_slices must be a positive integer, got {num_slices!r}")
+    if num_slices > size[2]:
+        raise ValueError(f"num_slices={num_slices} exceeds the {size[2]} slices of size={size}")
+    try:
+        lo, hi = (float(v) for v in hu_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"hu_range must be two numbers (low, high), got {hu_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"hu_range must be finite with low < high, got {hu_range!r}")
+    if target_spacing is not None:
+        target_spacing = _as_triple("target_spacing", target_spacing, integer=False)
+    return size, int(num_slices), (lo, hi), target_spacing
+
+
+def _window(n: int, target: int) -> tuple[int, int, int]:
+    """Centre crop or pad of an axis of length n to target, upstream convention.
+
+    Returns ``(offset, start, stop)``: ``out[j] = src[j + offset]`` for ``start <= j < stop``, pad elsewhere.
+    Crop start ``(n - target) // 2``; pad ``(target - n) // 2`` before, the rest after.
+    """
+    if n >= target:
+        return (n - target) // 2, 0, target
+    before = (target - n) // 2
+    return -before, before, before + n
+
+
+def resample(hu: np.ndarray, spacing: Sequence[float], target_spacing: Sequence[float]) -> np.ndarray:
+    """Trilinear resampling (X, Y, Z) from ``spacing`` to ``target_spacing`` mm.
+
+    The new shape is ``round(n * s / t)`` per axis (half up, at least 1); returns float32.
+    """
+    spacing = _as_triple("spacing", spacing, integer=False)
+    target_spacing = _as_triple("target_spacing", target_spacing, integer=False)
+    shape = tuple(
+        max(1, math.floor(n * s / t + 0.5)) for n, s, t in zip(hu.shape, spacing, target_spacing, strict=True)
+    )
+    if shape == hu.shape:
+        return np.asarray(hu, dtype=np.float32)
+    volume = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        out = F.interpolate(volume, size=shape, mode="trilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def preprocess(
+    hu: np.ndarray,
+    *,
+    spacing: Sequence[float] | None = None,
+    target_spacing: Sequence[float] | None = None,
+    size: Sequence[int] = (214, 214, 240),
+    num_slices: int = 100,
+    hu_range: Sequence[float] = (-1000.0, 1000.0),
+) -> np.ndarray:
+    """The paper's preprocessing (section 3.1): HU volume (X, Y, Z) -> network input (Z, Y, X) in [-1, 1].
+
+    Steps: optional trilinear resampling from ``spacing`` to ``target_spacing`` (mm) -> clip to ``hu_range``
+    -> centre crop or pad (X, Y, Z) to ``size`` (crop start ``(n - t) // 2``; pad ``(t - n) // 2`` before,
+    the rest after, with air ``hu_range[0]``) -> divide by ``max(|hu_range|)`` -> centre ``num_slices``
+    slices (start ``(size[2] - num_slices) // 2``) -> transpose to (Z, Y, X). The defaults are the paper's
+    text; the ViT profile uses ``size=(224, 224, 240)``, the CT-CLIP-style variant
+    ``target_spacing=(0.75, 0.75, 1.5), size=(480, 480, 240)``.
+
+    Args:
+        hu: (X, Y, Z) array in HU.
+        spacing: (sx, sy, sz) mm of ``hu``; required when ``target_spacing`` is given.
+        target_spacing: (tx, ty, tz) mm to resample to, or None for no resampling.
+        size: (X, Y, Z) after crop/pad.
+        num_slices: centre slices kept, at most ``size[2]``.
+        hu_range: (low, high) clipping window in HU.
+
+    Returns:
+        float32 array (num_slices, size[1], size[0]).
+    """
+    size, num_slices, (lo, hi), target_spacing = check_preprocess_args(size, num_slices, hu_range,
+                                                                        target_spacing)
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise ValueError(f"hu must be a 3D (X, Y, Z) array, got shape {hu.shape}")
+    if target_spacing is not None:
+        if spacing is None:
+            raise ValueError("spacing (sx, sy, sz) of the volume is required when target_spacing is given")
+        hu = resample(hu, spacing, target_spacing)
+
+    # Crop/pad and the centre-slice selection are both windows, so compose them and touch only the voxels
+    # that survive; clipping and scaling commute with them (the pad value is inside the clip range).
+    wx, wy = _window(hu.shape[0], size[0]), _window(hu.shape[1], size[1])
+    z_off, z_start, z_stop = _window(hu.shape[2], size[2])
+    first = (size[2] - num_slices) // 2
+    wz = (z_off + first, max(0, z_start - first), min(num_slices, z_stop - first))
+
+    scale = np.float32(max(abs(lo), abs(hi)))
+    out = np.full((num_slices, size[1], size[0]), np.float32(lo) / scale, dtype=np.float32)
+    if wz[1] < wz[2]:
+        src = tuple(slice(s + off, e + off) for off, s, e in (wx, wy, wz))
+        block = np.array(hu[src], dtype=np.float32)
+        np.clip(block, lo, hi, out=block)
+        block /= scale
+        out[wz[1]:wz[2], wy[1]:wy[2], wx[1]:wx[2]] = block.transpose(2, 1, 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Patient-level stratified splits and Table 1
+# ---------------------------------------------------------------------------------------------------------
+
+
+def split_patients(
+    cohort: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0
+) -> pd.Series:
+    """Train/val/test split by patient, stratified over the 18 labels (paper: 70:20:10).
+
+    Every volume of a patient (scans and reconstructions) lands in one split. Patients are assigned with
+    iterative multilabel stratification (Sechidis et al. 2011, ``iterstrat``) on their label vector, the OR
+    over their volumes, after a seeded shuffle. With 3 or more patients every split is non-empty.
+
+    Args:
+        cohort: DataFrame with ``patient`` and the ``CLASSES`` columns (n volumes).
+        fractions: (train, val, test), positive, summing to 1.
+        seed: the split is a deterministic function of cohort and seed.
+
+    Returns:
+        Series of 'train'/'val'/'test' (n,), indexed like ``cohort``, named ``split``.
+    """
+    from iterstrat.ml_stratifiers import IterativeStratification
+
+    try:
+        r = np.array([float(f) for f in fractions], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"fractions must be 3 numbers (train, val, test), got {fractions!r}") from None
+    if r.shape != (3,) or not np.all(np.isfinite(r)) or np.any(r <= 0) or abs(r.sum() - 1) > 1e-6:
+        raise ValueError(f"fractions must be 3 positive numbers summing to 1, got {fractions!r}")
+    missing = [c for c in ("patient", *CLASSES) if c not in cohort.columns]
+    if missing:
+        raise ValueError(f"cohort lacks column(s) {missing}")
+    if len(cohort) == 0:
+        raise ValueError("cannot split an empty cohort")
+
+    per_patient = cohort.groupby("patient", sort=True)[list(CLASSES)].max()
+    patients = per_patient.index.to_numpy()
+    y = per_patient.to_numpy() > 0
+    rng = np.random.RandomState(seed)
+    order = rng.permutation(len(patients))
+    folds = np.empty(len(patients), dtype=np.int64)
+    folds[order] = IterativeStratification(labels=y[order], r=r, random_state=rng)
+
+    if len(patients) >= 3:
+        # Tiny cohorts: the algorithm may leave a small split empty; move in the patient with the fewest
+        # positives from the largest split (least harm to the stratification).
+        for f in range(3):
+            if not np.any(folds == f):
+                donor = np.bincount(folds, minlength=3).argmax()
+                candidates = order[folds[order] == donor]
+                folds[candidates[np.argmin(y[candidates].sum(axis=1))]] = f
+
+    split_of = dict(zip(patients.tolist(), (SPLITS[f] for f in folds), strict=True))
+    return pd.Series([split_of[p] for p in cohort["patient"].tolist()], index=cohort.index, name="split",
+                     dtype="str")
+
+
+def class_table(cohort: pd.DataFrame, splits: pd.Series) -> pd.DataFrame:
+    """Table 1 of the paper: positive volumes per class, in total and per split.
+
+    Args:
+        cohort: DataFrame with the ``CLASSES`` columns.
+        splits: 'train'/'val'/'test' per volume, indexed like ``cohort`` (``split_patients``).
+
+    Returns:
+        int64 DataFrame, index ``CLASSES`` + ``Volumes`` (the split sizes), columns Total, Train, Val, Test.
+    """
+    if not splits.index.equals(cohort.index):
+        raise ValueError("splits must be indexed like the cohort (use split_patients(cohort))")
+    unknown = sorted(set(splits.tolist()) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown split name(s) {unknown}; expected {list(SPLITS)}")
+    labels = cohort[list(CLASSES)].to_numpy(dtype=np.int64)
+    s = splits.to_numpy(dtype=object)
+    columns = {"Total": np.ones(len(cohort), dtype=bool)}
+    columns.update({name.capitalize(): s == name for name in SPLITS})
+    table = {col: [*labels[mask].sum(axis=0).tolist(), int(mask.sum())] for col, mask in columns.items()}
+    return pd.DataFrame(table, index=pd.Index([*CLASSES, "Volumes"], name="Class"), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The prepared cache, as the training Dataset sees it (written by ctlib.cache.prepare)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def prepared_path(cache_dir: StrPath, name: str) -> Path:
+    """Cache file of a volume: ``<cache_dir>/<VolumeName without .nii.gz>.npy``."""
+    stem = name.removesuffix(".nii.gz").removesuffix(".nii")
+    if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
+        raise ValueError(f"{name!r} is not a volume name usable as a cache file name")
+    return Path(cache_dir) / f"{stem}.npy"
+
+
+def _not_cached_message(cache_dir: Path, names: Sequence[str]) -> str:
+    msg = (f"{len(names)} volume(s) not in the cache {cache_dir}, e.g. {list(names[:3])}: run prepare first "
+           "(python -m ctlib.cache --data-root DIR --cache DIR, or ctlib.cache.prepare)")
+    if (cache_dir / "failures.csv").is_file():
+        msg += f"; volumes that failed to prepare are listed in {cache_dir / 'failures.csv'}"
+    return msg
+
+
+def load_prepared(cache_dir: StrPath, name: str) -> np.ndarray:
+    """A prepared volume, memory-mapped read-only: float16 (S, H, W)."""
+    path = prepared_path(cache_dir, name)
+    if not path.is_file():
+        raise FileNotFoundError(_not_cached_message(Path(cache_dir), [name]))
+    return np.load(path, mmap_mode="r")
+
+
+class PreparedVolumes(Dataset):
+    """The cohort's prepared volumes with their labels, read from the memory-mapped cache.
+
+    Item i -> ``(volume, labels, name)``: float32 tensor (S, H, W), float32 tensor (18,), VolumeName.
+
+    Args:
+        cache_dir: the folder holding the ``.npy`` files (``ctlib.cache.cache_dir(root, prep)``).
+        cohort: DataFrame with ``VolumeName`` and the ``CLASSES`` columns; every volume must be cached.
+    """
+
+    def __init__(self, cache_dir: StrPath, cohort: pd.DataFrame) -> None:
+        missing_cols = [c for c in ("VolumeName", *CLASSES) if c not in cohort.columns]
+        if missing_cols:
+            raise ValueError(f"cohort lacks column(s) {missing_cols}")
+        self.cache_dir = Path(cache_dir)
+        self._names = [str(n) for n in cohort["VolumeName"].tolist()]
+        self._labels = cohort[list(CLASSES)].to_numpy(dtype=np.float32)
+        missing = [n for n in self._names if not prepared_path(self.cache_dir, n).is_file()]
+        if missing:
+            raise FileNotFoundError(_not_cached_message(self.cache_dir, missing))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        name = self._names[i]
+        stored = load_prepared(self.cache_dir, name)
+        if stored.ndim != 3:
+            raise DataError(f"{prepared_path(self.cache_dir, name)}: cached array of shape {stored.shape}, "
+                            "expected (S, H, W); delete it and rerun prepare")
+        volume = torch.from_numpy(np.array(stored, dtype=np.float32))
+        return volume, torch.from_numpy(self._labels[i].copy()), name
+
+    @property
+    def labels(self) -> np.ndarray:
+        """float32 (N, 18) label matrix, in item order."""
+        return self._labels.copy()
+
+    @property
+    def names(self) -> list[str]:
+        """VolumeNames in item order."""
+        return list(self._names)

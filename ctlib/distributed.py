@@ -13,6 +13,7 @@ that every test volume is scored exactly once.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from typing import Any
 
@@ -24,11 +25,14 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "broadcast_object",
+    "env_rank",
     "gather_predictions",
     "is_distributed",
     "is_main",
+    "rank",
     "setup",
     "teardown",
+    "world_size",
 ]
 
 
@@ -80,8 +84,8 @@ def setup(
         kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://"}
         if timeout is not None:
             kwargs["timeout"] = timeout
-        if device.type == "cuda":
-            kwargs["device_id"] = device  # binds NCCL to this GPU up front
+        if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            kwargs["device_id"] = device  # binds NCCL to this GPU up front (torch >= 2.3)
         dist.init_process_group(rank=rank, world_size=world_size, **kwargs)
     return rank, world_size, device
 
@@ -95,6 +99,21 @@ def teardown() -> None:
 def is_distributed() -> bool:
     """True inside an initialised process group of more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank in the process group (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes in the process group (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def env_rank() -> int:
+    """The rank torchrun assigned (RANK), readable before :func:`setup`; 0 without torchrun."""
+    return _env_int("RANK", 0)
 
 
 def is_main() -> bool:

@@ -7,7 +7,7 @@ and ``probs`` (N, 18) in [0, 1], columns in ``ctlib.data.CLASSES`` order.
   ``sklearn.metrics`` as the paper states (section 4.4), so the values equal sklearn's by construction.
 - :func:`choose_thresholds`: per-class thresholds picked on the *validation* set only.
 - :func:`evaluate`: the rows a results table needs: threshold 0.5, thresholds tuned on validation,
-  and the (clearly labelled) CT-CLIP protocol, plus bootstrap AUROC intervals.
+  and the (clearly labelled) CT-CLIP protocol; optionally bootstrap AUROC intervals.
 - :func:`bootstrap_auroc`: percentile intervals that really resample (patients when given).
 - :func:`ctclip_protocol`: the upstream CT-CLIP scoring, for side-by-side comparison only.
 - :func:`predictions_frame` / :func:`read_predictions`: the ``predictions.csv`` format.
@@ -158,6 +158,10 @@ def score(
     pred = (p >= t[None, :]).astype(np.int64)
     both = _has_both(y)
 
+    # average=None: sklearn's per-class values of the multilabel matrix, one call per metric
+    prec = precision_score(y, pred, average=None, zero_division=0)
+    rec = recall_score(y, pred, average=None, zero_division=0)
+    f1 = f1_score(y, pred, average=None, zero_division=0)
     per_class: dict[str, dict[str, Any]] = {}
     per_class_auroc: dict[str, float | None] = {}
     for k, name in enumerate(classes):
@@ -166,9 +170,9 @@ def score(
         per_class_auroc[name] = auc
         per_class[name] = {
             "auroc": auc,
-            "precision": float(precision_score(yk, pk, zero_division=0)),
-            "recall": float(recall_score(yk, pk, zero_division=0)),
-            "f1": float(f1_score(yk, pk, zero_division=0)),
+            "precision": float(prec[k]),
+            "recall": float(rec[k]),
+            "f1": float(f1[k]),
             "accuracy": float(accuracy_score(yk, pk)),
             "support": int(yk.sum()),
             "threshold": float(t[k]),
@@ -478,7 +482,7 @@ def evaluate(
     groups: Sequence[Any] | np.ndarray | None = None,
     *,
     method: str = "youden",
-    n_boot: int = 1000,
+    n_boot: int = 0,
     seed: int = 0,
     classes: Sequence[str] = CLASSES,
 ) -> dict[str, Any]:
@@ -491,16 +495,20 @@ def evaluate(
         val_probs: (M, C) validation probabilities, or None.
         groups: (N,) patient of each test volume, the bootstrap's resampling unit; None: volumes.
         method: threshold rule on validation, see :func:`choose_thresholds`.
-        n_boot: bootstrap resamples for ``"bootstrap"``; 0 leaves the entry out.
+        n_boot: bootstrap resamples for a ``"bootstrap"`` entry (:func:`bootstrap_auroc`); 0, the
+            default, leaves it out.
         seed: bootstrap seed.
         classes: class names (column order).
 
     Returns:
         ``{"default": score at 0.5, "val_tuned": score at thresholds chosen on validation,
-        "ctclip": ctclip_protocol(test), "bootstrap": bootstrap_auroc(test, groups)}``.
+        "ctclip": ctclip_protocol(test)}``, plus ``"bootstrap": bootstrap_auroc(test, groups)`` when
+        ``n_boot > 0``. ``"val_tuned"`` only when validation arrays are given.
     """
     if (val_labels is None) != (val_probs is None):
         raise ValueError("val_labels and val_probs must be given together")
+    if groups is not None and n_boot <= 0:
+        raise ValueError("groups are the bootstrap's resampling units: pass n_boot > 0 to use them")
     out: dict[str, Any] = {"default": score(test_labels, test_probs, 0.5, classes=classes)}
     if val_labels is not None:
         thresholds = choose_thresholds(val_labels, val_probs, method, classes=classes)

@@ -1,0 +1,29 @@
+"""Shared fixtures: one smoke-profile synthetic snapshot and cache per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def smoke_work_dir(tmp_path_factory):
+    """A work dir holding the smoke profile's synthetic snapshot and prepared cache."""
+    from ctlib.profiles import get_profile
+    from ctlib.train import prepare_data
+
+    work = tmp_path_factory.mktemp("smoke-work")
+    profile = get_profile("smoke", work_dir=str(work))
+    for model in ("resnet2d", "vit3d"):
+        prepare_data(profile, model, progress=False)
+    return work
+
+
+@pytest.fixture()
+def smoke_profile(smoke_work_dir):
+    from ctlib.profiles import get_profile
+
+    return get_profile("smoke", work_dir=str(smoke_work_dir))

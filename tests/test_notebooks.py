@@ -1,0 +1,80 @@
+"""Every notebook, executed by papermill through run_all.sh on the smoke profile."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _run_all(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CTLIB_PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    return subprocess.run(["bash", str(REPO / "run_all.sh"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_paper(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper-smoke")
+    res = _run_all("--profile", "smoke", "--out", str(out))
+    return out, res
+
+
+def test_every_notebook_runs_on_smoke(smoke_paper):
+    out, res = smoke_paper
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert "all notebooks ran" in res.stdout
+    executed = sorted((out / "runs/smoke/notebooks").glob("*.ipynb"))
+    assert [p.name for p in executed] == [p.name for p in NOTEBOOKS]
+    for path in executed:
+        nb = nbformat.read(path, as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors, path.name
+
+
+@pytest.mark.parametrize("name", [
+    "fig1_representative_slices.png", "fig2_pipeline.png", "fig3_per_class_auroc.png",
+    "fig4_tsne.png", "fig5_attention_maps.png"])
+def test_paper_figures_are_produced(smoke_paper, name):
+    out, _ = smoke_paper
+    path = out / "figures/smoke" / name
+    assert path.exists(), sorted(p.name for p in (out / "figures/smoke").glob("*"))
+    assert path.stat().st_size > 10_000  # a real picture, not an empty canvas
+
+
+@pytest.mark.parametrize("name", ["table1.csv", "table1.md", "table2.csv", "table2.md", "table3.csv",
+                                  "table3.md"])
+def test_tables_are_produced(smoke_paper, name):
+    import pandas as pd
+
+    out, _ = smoke_paper
+    path = out / "results/smoke" / name
+    assert path.exists(), sorted(p.name for p in (out / "results/smoke").glob("*"))
+    if name.endswith(".csv"):
+        assert len(pd.read_csv(path)) > 0
+
+
+def test_run_all_fails_loudly_when_a_notebook_fails(tmp_path):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    good = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('profile = "smoke"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("print('fine')")])
+    bad = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('profile = "smoke"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("raise RuntimeError('boom')")])
+    nbformat.write(good, nbdir / "01_good.ipynb")
+    nbformat.write(bad, nbdir / "02_bad.ipynb")
+    res = _run_all("--profile", "smoke", "--out", str(tmp_path / "out"), "--notebooks", str(nbdir),
+                   timeout=300)
+    assert res.returncode != 0
+    assert "FAILED notebooks: 02_bad" in res.stderr
+    assert "01_good" in res.stdout and "ok" in res.stdout

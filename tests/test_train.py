@@ -1,0 +1,185 @@
+"""The training entry point: outputs, resumption, DDP equivalence, skipping finished runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ctlib.data import CLASSES
+from ctlib.launch import run_name, run_tag, torchrun_command
+from ctlib.profiles import get_profile, load_profile, parse_overrides
+from ctlib.train import RunSpec, load_run, main, parse_alpha, train
+
+
+def _params(path):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["model"]
+
+
+@pytest.mark.parametrize("model,alpha", [("resnet2d", 1.0), ("vit3d", 1.0), ("fusion", "learned")])
+def test_run_writes_every_output(smoke_profile, tmp_path, model, alpha):
+    out = tmp_path / run_name(model, alpha)
+    metrics = train(RunSpec(smoke_profile, model, alpha), out, progress=False)
+    for name in ("config.json", "profile.json", "history.csv", "splits.csv", "predictions.csv",
+                 "val_predictions.csv", "features.npz", "metrics.json", "per_class_auroc.csv",
+                 "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (out / name).exists(), name
+    hist = pd.read_csv(out / "history.csv")
+    assert list(hist["epoch"]) == list(range(1, smoke_profile.epochs + 1))
+    assert {"train_loss", "val_loss", "val_auroc", "lr", "alpha", "seconds"} <= set(hist.columns)
+    preds = pd.read_csv(out / "predictions.csv")
+    assert list(preds.columns) == ["VolumeName", *[f"label:{c}" for c in CLASSES],
+                                   *[f"prob:{c}" for c in CLASSES]]
+    splits = pd.read_csv(out / "splits.csv")
+    test_names = set(splits.loc[splits["split"] == "test", "VolumeName"])
+    assert set(preds["VolumeName"]) == test_names and len(preds) == len(test_names)
+    # Every test volume scored exactly once, labels equal the cohort's.
+    assert preds["VolumeName"].is_unique
+    for key in ("auroc", "accuracy", "precision", "recall", "per_class_auroc", "weights", "data"):
+        assert key in metrics
+    assert set(metrics["per_class_auroc"]) == set(CLASSES)
+    assert json.loads((out / "metrics.json").read_text())["auroc"] == pytest.approx(metrics["auroc"])
+    feats = np.load(out / "features.npz")
+    assert feats["features"].shape[0] == len(splits)
+    if alpha == "learned":
+        assert np.isfinite(hist["alpha"]).all()
+        assert metrics["alpha_final"] == pytest.approx(hist["alpha"].iloc[-1])
+    # The checkpoint loads back into the same model and reproduces the stored test probabilities.
+    net, prof, config = load_run(out)
+    assert prof == smoke_profile and config["model"] == model
+
+
+def test_kill_and_resume_equals_uninterrupted(smoke_profile, tmp_path):
+    profile = dataclasses.replace(smoke_profile, epochs=3)
+    spec = RunSpec(profile, "fusion", "learned")
+    ref = train(spec, tmp_path / "ref", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch):
+        if epoch == 0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(spec, tmp_path / "resumed", after_epoch=kill_after_first, progress=False)
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    assert len(pd.read_csv(tmp_path / "resumed" / "history.csv")) == 1
+    resumed = train(spec, tmp_path / "resumed", progress=False)
+
+    for key in ("auroc", "accuracy", "precision", "recall", "alpha_final", "best_epoch"):
+        assert resumed[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
+    a, b = _params(tmp_path / "ref/checkpoints/last.pt"), _params(tmp_path / "resumed/checkpoints/last.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    h_ref = pd.read_csv(tmp_path / "ref/history.csv").drop(columns="seconds")
+    h_res = pd.read_csv(tmp_path / "resumed/history.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(h_ref, h_res, rtol=1e-5)
+
+
+def test_finished_run_is_skipped_and_other_settings_refused(smoke_profile, tmp_path):
+    profile = dataclasses.replace(smoke_profile, epochs=1)
+    out = tmp_path / "run"
+    first = train(RunSpec(profile, "vit3d"), out, progress=False)
+    mtime = (out / "metrics.json").stat().st_mtime_ns
+    again = train(RunSpec(profile, "vit3d"), out, progress=False)
+    assert again == first and (out / "metrics.json").stat().st_mtime_ns == mtime
+    # Same folder, other settings, a partial run: refused rather than silently mixed.
+    (out / "metrics.json").unlink()
+    with pytest.raises(RuntimeError, match="other settings"):
+        train(RunSpec(dataclasses.replace(profile, lr=1e-3), "vit3d"), out, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_step_equals_one_process(smoke_work_dir, tmp_path):
+    """One optimisation step on the same global batch: 2 gloo processes == 1 process."""
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"np{nproc}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}", "-m", "ctlib.train", "--profile", "smoke",
+               "--model", "vit3d", "--work-dir", str(smoke_work_dir), "--out", str(out), "--no-progress",
+               "--set", "epochs=1", "--set", "max_steps_per_epoch=1", "--set", "batch_size=4"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        outs[nproc] = out
+    one, two = _params(outs[1] / "checkpoints/last.pt"), _params(outs[2] / "checkpoints/last.pt")
+    init = None
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=k)
+    # ...and the step really changed the weights (the comparison is not of two untouched models).
+    torch.manual_seed(0)
+    from ctlib.train import build_model
+
+    init = build_model(get_profile("smoke"), "vit3d").state_dict()
+    assert any(not torch.equal(init[k], one[k]) for k in one)
+    # Both runs scored the whole test split once.
+    p1, p2 = pd.read_csv(outs[1] / "predictions.csv"), pd.read_csv(outs[2] / "predictions.csv")
+    assert list(p1["VolumeName"]) == list(p2["VolumeName"])
+    np.testing.assert_allclose(p1.filter(like="prob:").to_numpy(), p2.filter(like="prob:").to_numpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_cli_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "torchrun" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="learned"):
+        parse_alpha("sometimes")
+    assert parse_alpha("0.3") == 0.3 and parse_alpha("learned") == "learned"
+    with pytest.raises(SystemExit):
+        main(["--model", "resnet2d", "--alpha", "0.5", "--out", "x"])
+
+
+def test_profiles_and_overrides(tmp_path):
+    paper = get_profile("paper")
+    # The paper's settings (section 4.5) are the paper profile's defaults.
+    assert (paper.lr, paper.epochs, paper.batch_size, paper.plateau_factor, paper.plateau_patience) == (
+        5e-4, 10, 8, 0.5, 2)
+    assert paper.size_2d == (214, 214, 240) and paper.size_3d[:2] == (224, 224) and paper.num_slices == 100
+    assert (paper.vit_dim, paper.vit_heads, paper.vit_dim_head, paper.vit_spatial_depth,
+            paper.vit_slice_depth, paper.vit_patch_size) == (512, 8, 64, 4, 4, 16)
+    assert get_profile("paper480").size_3d[:2] == (480, 480)
+    p = get_profile("demo", **parse_overrides(["epochs=3", "lr=1e-3", "target_spacing=null",
+                                               "size_2d=[32,32,8]"]))
+    assert (p.epochs, p.lr, p.target_spacing, p.size_2d) == (3, 1e-3, None, (32, 32, 8))
+    with pytest.raises(ValueError, match="unknown profile field"):
+        get_profile("demo", nonsense="1")
+    with pytest.raises(ValueError, match="integer"):
+        get_profile("demo", epochs="three")
+    with pytest.raises(ValueError, match="unknown profile"):
+        get_profile("huge")
+    from ctlib.profiles import save_profile
+
+    save_profile(p, tmp_path / "p.json")
+    assert load_profile(tmp_path / "p.json") == p
+
+
+def test_torchrun_command_and_names():
+    cmd = torchrun_command(profile="demo", model="fusion", alpha="learned", out="runs/x", processes=4,
+                           data_root="/d", seed=1, overrides=["epochs=2"])
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert "--nproc_per_node=4" in cmd and cmd[cmd.index("--alpha") + 1] == "learned"
+    assert cmd[cmd.index("--data-root") + 1] == "/d" and cmd[cmd.index("--set") + 1] == "epochs=2"
+    assert "--alpha" not in torchrun_command(profile="demo", model="vit3d", out="o", processes=1)
+    assert [run_name("fusion", a) for a in (0.0, 0.5, 1.0, "learned")] == [
+        "fusion-alpha0", "fusion-alpha0.5", "fusion-alpha1", "fusion-learned"]
+    assert run_tag("demo", 0) == "demo" and run_tag("demo", 1) == "demo-seed1"
+    with pytest.raises(ValueError):
+        torchrun_command(profile="demo", model="vit3d", out="o", processes=0)

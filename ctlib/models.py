@@ -83,7 +83,9 @@ def _load_state_dict(source: ResNet18_Weights | Path) -> Mapping[str, Tensor]:
     if isinstance(source, ResNet18_Weights):
         cached = Path(torch.hub.get_dir()) / "checkpoints" / _HUB_FILE
         try:
-            return source.get_state_dict(progress=False, check_hash=True, map_location="cpu", weights_only=True)
+            return source.get_state_dict(
+                progress=False, check_hash=True, map_location="cpu", weights_only=True
+            )
         except Exception as err:  # no network, a proxy error, a truncated download: all mean "not here"
             raise WeightsUnavailableError(
                 f"ResNet-18 weights {source} could not be loaded ({type(err).__name__}: {err}). Without "
@@ -113,7 +115,7 @@ class ResNet2D(nn.Module):
     """Section 4.1: torchvision's ResNet-18 on every slice, slice logits averaged over the volume.
 
     The first convolution takes one channel and the last layer gives 18 logits per slice. Slices run as
-    one batch ``(B*S, 1, H, W)``; any H, W of at least 32 works (the paper: 100 slices of 214x214).
+    one batch ``(B*S, 1, H, W)`` of any H, W (the paper: 100 slices of 214x214).
 
     Args:
         num_classes: outputs per slice (the 18 CT-RATE abnormalities).
@@ -162,7 +164,8 @@ class ResNet2D(nn.Module):
             self.weights_used = source.name if isinstance(source, ResNet18_Weights) else f"file:{source}"
 
     def _load_backbone(self, state: Mapping[str, Tensor], source: ResNet18_Weights | Path) -> None:
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the 1000-class layer is replaced
+        # The 1000-class layer is replaced by ours.
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         conv = state.get("conv1.weight")
         if isinstance(conv, Tensor) and conv.ndim == 4 and conv.shape[1] == 3:
             state["conv1.weight"] = conv.sum(dim=1, keepdim=True)
@@ -330,10 +333,16 @@ class ViT3D(nn.Module):
         nn.init.trunc_normal_(self.spatial_pos, std=0.02)
         nn.init.trunc_normal_(self.slice_pos, std=0.02)
         self.emb_dropout = nn.Dropout(dropout)
-        self.spatial = nn.ModuleList(_Block(dim, heads, dim_head, mlp_dim, dropout) for _ in range(spatial_depth))
-        self.across = nn.ModuleList(_Block(dim, heads, dim_head, mlp_dim, dropout) for _ in range(slice_depth))
+        self.spatial = nn.ModuleList(
+            _Block(dim, heads, dim_head, mlp_dim, dropout) for _ in range(spatial_depth)
+        )
+        self.across = nn.ModuleList(
+            _Block(dim, heads, dim_head, mlp_dim, dropout) for _ in range(slice_depth)
+        )
         self.norm = nn.RMSNorm(dim)
-        self.head = nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, num_classes))
+        self.head = nn.Sequential(
+            nn.RMSNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, num_classes)
+        )
 
     @property
     def feature_dim(self) -> int:
@@ -417,7 +426,7 @@ class Fusion(nn.Module):
     Only the branches' features are used: their own classification heads are frozen
     (``requires_grad=False``) so that every trainable parameter takes part in each step (DDP needs this).
     A fixed ``alpha == 0`` skips the 3D branch altogether (and freezes it and the projection): the output
-    is then exactly the 2D model's, whatever the ViT holds.
+    then depends on the 2D branch only, whatever the ViT holds.
 
     Args:
         resnet: the 2D branch; built from ``resnet_kwargs`` when None.
@@ -444,7 +453,10 @@ class Fusion(nn.Module):
     ) -> None:
         super().__init__()
         _check_positive(num_classes=num_classes)
-        for name, branch, kwargs, cls in (("resnet", resnet, resnet_kwargs, ResNet2D), ("vit", vit, vit_kwargs, ViT3D)):
+        for name, branch, kwargs, cls in (
+            ("resnet", resnet, resnet_kwargs, ResNet2D),
+            ("vit", vit, vit_kwargs, ViT3D),
+        ):
             if branch is not None and kwargs is not None:
                 raise ValueError(f"give either {name} or {name}_kwargs, not both")
             if branch is not None and not isinstance(branch, cls):
@@ -454,7 +466,11 @@ class Fusion(nn.Module):
                 raise ValueError(f"alpha must be a number or 'learned', got {alpha!r}")
         elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number or 'learned', got {alpha!r}")
-        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)) or not math.isfinite(alpha_init):
+        if (
+            isinstance(alpha_init, bool)
+            or not isinstance(alpha_init, (int, float))
+            or not math.isfinite(alpha_init)
+        ):
             raise ValueError(f"alpha_init must be a finite number, got {alpha_init!r}")
 
         self.resnet = resnet if resnet is not None else ResNet2D(**(resnet_kwargs or {}))

@@ -1,0 +1,207 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · The data: cohort, Table 1 and Figure 1
+#
+# Reproduces **Section 3 (Data)** of the paper: the cohort of non-contrast chest CT volumes with 18
+# abnormality labels, the patient-level stratified 70:20:10 split with its class distribution
+# (**Table 1**), and representative slices of the pathologies (**Figure 1**), plus what the paper does
+# not show: how the labels co-occur and what the voxel intensities look like.
+#
+# Without `data_root` the data are the embedded **synthetic CT-RATE-format phantoms** (generated on first
+# use); with `data_root` a downloaded **CT-RATE** snapshot. Every number below says which.
+
+# %% tags=["parameters"]
+profile = "demo"
+data_root = None
+work_dir = "../data"
+runs_dir = "../runs"
+figures_dir = "../figures"
+results_dir = "../results"
+gpus = None
+seed = 0
+redo = False
+
+# %%
+# %matplotlib inline
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+
+from ctlib import figures
+from ctlib.data import CLASSES, class_table, load_cohort, load_prepared, read_hu
+from ctlib.launch import run_tag
+from ctlib.paper_numbers import compare_table1, paper_table1
+from ctlib.profiles import get_profile
+from ctlib.train import ensure_dataset, make_splits, prepare_data, preprocessing_for
+
+prof = get_profile(profile, work_dir=str(Path(work_dir).resolve()),
+                   data_root=None if data_root is None else str(Path(data_root).resolve()), seed=int(seed))
+tag = run_tag(profile, seed)
+fig_dir, res_dir = Path(figures_dir) / tag, Path(results_dir) / tag
+fig_dir.mkdir(parents=True, exist_ok=True)
+res_dir.mkdir(parents=True, exist_ok=True)
+data_kind = "CT-RATE" if prof.data_root else "synthetic CT-RATE-format phantoms"
+print(f"profile {prof.name}, data: {data_kind}; figures -> {fig_dir}, tables -> {res_dir}")
+
+# %% [markdown]
+# ## The cohort
+#
+# The paper sampled about 3,000 patients (2 million slices) of CT-RATE's 21,304. A CT-RATE *volume* is
+# one reconstruction of one scan of one patient (`train_12_a_2`: patient 12, scan a, reconstruction 2);
+# volumes of a patient must never straddle the train/test boundary.
+
+# %%
+root = ensure_dataset(prof)
+cohort = load_cohort(root)
+n_abnormal = cohort[list(CLASSES)].sum(axis=1)
+pd.Series({
+    "data": f"{data_kind} ({root})",
+    "volumes": len(cohort),
+    "scans": cohort["scan"].nunique(),
+    "patients": cohort["patient"].nunique(),
+    "volumes without any abnormality": int((n_abnormal == 0).sum()),
+    "abnormalities per volume (mean)": round(float(n_abnormal.mean()), 2),
+}).to_frame("value")
+
+# %% [markdown]
+# ## Table 1: classes per split
+#
+# The paper splits 70:20:10 with stratified sampling "to ensure equitable distributions of the classes
+# in each split"; we split by **patient** with iterative multi-label stratification. Look for each
+# class appearing in every split at roughly the same 70:20:10 proportions, and for the rarest classes
+# (pericardial effusion, mosaic attenuation pattern: 268 and 269 of the paper's volumes) having only a
+# handful of test positives, which is what makes their per-class AUROC noisy.
+
+# %%
+splits = make_splits(cohort, prof)
+table1 = class_table(cohort, splits)
+figures.save_table(table1, res_dir / "table1")
+table1
+
+# %% [markdown]
+# The paper gives counts but not its number of volumes, so the comparison uses each class's share of
+# all positive labels, and each class's split proportions.
+
+# %%
+table1_vs_paper = compare_table1(table1)
+figures.save_table(table1_vs_paper, res_dir / "table1_vs_paper", floatfmt=".1f")
+display(table1_vs_paper.round(1))
+figures.plot_class_prevalence(table1, paper_table1(), ours_label=f"ours ({data_kind})",
+                              path=fig_dir / "table1_class_distribution.png")
+
+# %% [markdown]
+# ## Label co-occurrence
+#
+# The 18 labels are far from independent (calcifications go with age, effusions with cardiomegaly,
+# opacities with consolidation). Each row shows how often the column's abnormality is present when the
+# row's is: a model can partly "predict" a rare class from a frequent correlated one.
+
+# %%
+figures.plot_cooccurrence(cohort, path=fig_dir / "label_cooccurrence.png")
+
+# %% [markdown]
+# ## Voxel intensities
+#
+# Preprocessing (section 3.1) clips to [-1000, 1000] HU. Whole-volume histograms are dominated by air
+# and soft tissue; the classes with an intensity signature show in the tails: emphysema below
+# -950 HU, effusions and consolidation near 0-40 HU inside the lung, metal above 1000 HU.
+
+# %%
+rng = np.random.default_rng(seed)
+
+
+def sample_volumes(mask: pd.Series, n: int = 3) -> list[np.ndarray]:
+    rows = np.flatnonzero(mask.to_numpy())
+    picks = rng.choice(rows, size=min(n, len(rows)), replace=False) if len(rows) else []
+    return [read_hu(cohort.iloc[int(i)]) for i in picks]
+
+
+hu_groups = {}
+for label, mask in [("no abnormality", n_abnormal == 0), ("Emphysema", cohort["Emphysema"] == 1),
+                    ("Consolidation", cohort["Consolidation"] == 1),
+                    ("Pleural effusion", cohort["Pleural effusion"] == 1),
+                    ("Medical material", cohort["Medical material"] == 1)]:
+    volumes = sample_volumes(mask)
+    if volumes:
+        hu_groups[f"{label} ({len(volumes)} vol.)"] = figures.hu_sample(volumes, seed=seed)
+figures.plot_hu_histograms(hu_groups, hu_range=(-1100.0, 2000.0), path=fig_dir / "hu_histograms.png")
+
+# %% [markdown]
+# ## Figure 1: representative slices
+#
+# The paper shows a lung nodule, atelectasis, lung opacity and consolidation. For each class we take
+# the positive volume with the fewest *other* abnormalities (so that what differs is this class) and
+# the slice that is least like the same slice of normal scans (its distance to the closest normal
+# scan's slice inside the lungs, relative to how much normal scans differ from each other at that
+# level), as the models see them (the 3D model's preprocessing), re-rendered at the scans' native
+# in-plane resolution.
+
+# %%
+prep_cohort, cache = prepare_data(prof, "vit3d")
+prep = preprocessing_for(prof, "vit3d")
+names = prep_cohort["VolumeName"].tolist()
+fig1_classes = ["Lung nodule", "Atelectasis", "Lung opacity", "Consolidation", "Emphysema", "Pleural effusion",
+                "Mosaic attenuation pattern", "Cardiomegaly"]
+examples = figures.pick_examples(prep_cohort, lambda i: load_prepared(cache, names[i]), fig1_classes,
+                                 names=[n.removesuffix(".nii.gz") for n in names], groups=prep_cohort["patient"],
+                                 lung_threshold=-500.0 / max(abs(v) for v in prep.hu_range))
+
+display_prep = figures.display_preprocessing(prep, float(prep_cohort["XYSpacing"].median()))
+
+
+def load_fine(i: int) -> np.ndarray:
+    row = prep_cohort.iloc[i]
+    spacing = None if display_prep.target_spacing is None else (row["XYSpacing"], row["XYSpacing"], row["ZSpacing"])
+    return display_prep.apply(read_hu(row), spacing=spacing)
+
+
+fine = {ex.index: load_fine(ex.index) for ex in examples}
+examples = figures.refine_examples(examples, fine.__getitem__)
+print(f"model input {prep.shape}, shown at {display_prep.shape} (S, H, W)")
+figures.plot_representative_slices(examples, normalized_range=prep.hu_range, columns=4, show_difference=False,
+                                   path=fig_dir / "fig1_representative_slices.png")
+
+# %% [markdown]
+# On the synthetic data each class was drawn with a known signature; this is what Figure 1 should show:
+
+# %%
+if prof.data_root is None:
+    from ctlib.synthetic import SIGNATURES
+
+    display(Markdown(figures.to_markdown(pd.DataFrame({"signature": SIGNATURES}).rename_axis("class"))))
+else:
+    print("CT-RATE: labels were extracted from the radiology reports; no drawn signatures.")
+
+# %% [markdown]
+# ## Slice viewer
+#
+# Scroll through the example volumes (interactive in Jupyter; a static montage is saved as well, for
+# headless runs).
+
+# %%
+viewer_volumes = {f"{ex.cls}: {ex.name}": fine[ex.index] for ex in examples}
+viewer = figures.slice_viewer(viewer_volumes, normalized_range=prep.hu_range)
+if viewer is not None:
+    display(viewer)
+first = examples[0]
+figures.plot_slice_montage(fine[first.index], n=16, normalized_range=prep.hu_range,
+                           title=f"{first.cls}: {first.name} (every slice the models see, evenly spaced)",
+                           path=fig_dir / "slice_montage.png")

@@ -1,0 +1,140 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 08 · Where the fusion model looks (Figure 5)
+#
+# Reproduces **Figure 5**: attention maps of the fusion model (learned alpha) over a CT in the lung
+# window, for a **localised** pathology (lung nodule) and a **diffuse** one (mosaic attenuation pattern).
+# The paper found the attention "picking up the underlying lung morphology", with two focal regions for
+# the nodule but a diffuse spread for mosaic attenuation, and read it as the attention being better at
+# localised abnormalities with distinct boundaries.
+#
+# Two maps per volume, both over slices: the **3D ViT's attention** (attention rollout over the spatial
+# layers, weighted by the slice-wise attention each slice receives) and the **ResNet branch's Grad-CAM**
+# for the fusion model's logit of the class (the 2D branch's evidence for the fused decision).
+
+# %% tags=["parameters"]
+profile = "demo"
+data_root = None
+work_dir = "../data"
+runs_dir = "../runs"
+figures_dir = "../figures"
+results_dir = "../results"
+gpus = None
+seed = 0
+redo = False
+
+# %%
+# %matplotlib inline
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ctlib import attention, figures
+from ctlib.data import CLASSES, load_prepared
+from ctlib.launch import run_name, run_tag
+from ctlib.train import load_run
+
+tag = run_tag(profile, seed)
+fig_dir, res_dir = Path(figures_dir) / tag, Path(results_dir) / tag
+fig_dir.mkdir(parents=True, exist_ok=True)
+res_dir.mkdir(parents=True, exist_ok=True)
+run_dir = Path(runs_dir).resolve() / tag / run_name("fusion", "learned")
+if not (run_dir / "checkpoints" / "best.pt").exists():
+    raise FileNotFoundError(f"{run_dir} has no finished run: run notebook 05 first (profile {profile})")
+torch.manual_seed(seed)
+model, run_profile, config = load_run(run_dir)
+cache = Path(config["cache_dir"])
+print(f"{run_dir.name}: alpha = {model.alpha_value:.3f}; data: {config['data']}")
+
+# %% [markdown]
+# Grad-CAM's usual block is `layer4`, 32 times coarser than the slice (7x7 on the paper's 224-pixel
+# slices); on the small slices of the synthetic profiles that is 1 or 2 cells, so `layer3` (16 times
+# coarser) is hooked there instead.
+
+# %%
+image_size = run_profile.size_3d[0]
+gradcam_layer, stride = ("layer4", 32) if image_size // 32 >= 7 else ("layer3", 16)
+print(f"{image_size}x{image_size} slices: Grad-CAM on {gradcam_layer} "
+      f"({image_size // stride}x{image_size // stride} cells per slice)")
+
+# %% [markdown]
+# ## The two cases
+#
+# For each class, the test volume positive for it that the model scores highest (the clearest case of
+# what the model learned). If the test set has no positive (tiny cohorts), a validation or training
+# volume is used and the title says so.
+
+# %%
+with np.load(run_dir / "features.npz") as f:
+    names, split, labels, probs = f["names"], f["split"], f["labels"], f["probs"]
+
+
+def pick_case(cls: str, taken: set[int]) -> tuple[int, str]:
+    """The highest-scored positive volume for ``cls``, test split first, another volume than ``taken``
+    when there is one."""
+    k = CLASSES.index(cls)
+    for avoid in (taken, set()):
+        for part in ("test", "val", "train"):
+            rows = [i for i in np.flatnonzero((split == part) & (labels[:, k] == 1)) if i not in avoid]
+            if rows:
+                return int(max(rows, key=lambda i: probs[i, k])), part
+    raise ValueError(f"no volume is positive for {cls!r} in this cohort")
+
+
+cases, stats, taken = [], [], set()
+for cls in ("Lung nodule", "Mosaic attenuation pattern"):
+    i, part = pick_case(cls, taken)
+    taken.add(i)
+    k = CLASSES.index(cls)
+    volume = torch.from_numpy(np.array(load_prepared(cache, str(names[i])), dtype=np.float32))
+    vit_map = attention.vit_attention(model, volume)
+    cam = attention.gradcam_resnet(model, volume, k, layer=gradcam_layer)
+    slices = attention.salient_slices(vit_map + cam, n=4, min_gap=max(1, volume.shape[0] // 8))
+    name = str(names[i]).removesuffix(".nii.gz")
+    title = f"{cls}: {name} ({part}, p = {probs[i, k]:.2f})"
+    maps = {"ViT attention": vit_map, f"ResNet Grad-CAM ({gradcam_layer})": cam}
+    cases.append(figures.AttentionCase(title, volume.numpy(), maps, slices))
+    stats.append((cls, name, part, float(probs[i, k]), attention.concentration(vit_map),
+                  attention.concentration(cam)))
+    print(f"{title}: slices {slices}")
+
+# %% [markdown]
+# ## Figure 5
+#
+# Rows: the CT in the lung window, the ViT attention, the ResNet Grad-CAM; columns: the four slices with
+# the most saliency. Colours are normalised per volume (0 to 1), and low values are transparent.
+
+# %%
+figures.plot_attention_overlays(cases, normalized_range=tuple(run_profile.hu_range),
+                                path=fig_dir / "fig5_attention_maps.png")
+
+# %% [markdown]
+# ## Focal or diffuse?
+#
+# The paper's reading in one number per map: the share of the total saliency held by the 5% most
+# salient voxels (0.05 for a uniform map, near 1 for a map focused on a small region). If the paper's
+# reading holds, the nodule's maps are more concentrated than the mosaic attenuation's.
+
+# %%
+focus = pd.DataFrame(stats, columns=["class", "volume", "split", "probability", "ViT attention top-5% share",
+                                     "Grad-CAM top-5% share"]).set_index("class")
+figures.save_table(focus, res_dir / "attention_concentration")
+focus.round(3)

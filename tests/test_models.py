@@ -1,0 +1,448 @@
+"""ResNet2D, ViT3D and Fusion (paper sections 4.1-4.3): shapes, arguments, weights, fusion, attention."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from ctlib.data import CLASSES
+from ctlib.models import Fusion, ResNet2D, ViT3D, WeightsUnavailableError, resnet2d_with_fallback
+
+K = len(CLASSES)
+# A tiny ViT: 32x32 slices in 8x8 patches (4x4 = 16 per slice), one spatial and one slice-wise block.
+VIT = dict(
+    image_size=32,
+    patch_size=8,
+    max_slices=8,
+    dim=32,
+    spatial_depth=1,
+    slice_depth=1,
+    heads=2,
+    dim_head=16,
+    mlp_dim=64,
+)
+
+
+def volumes(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Random volumes in [-1, 1] like the preprocessed cache."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def resnet() -> ResNet2D:
+    return ResNet2D().eval()
+
+
+@pytest.fixture(scope="module")
+def rgb_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, str]:
+    """A torchvision RGB resnet18 with random weights and non-trivial BN statistics, saved as a .pth."""
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(weights=None)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    path = tmp_path_factory.mktemp("weights") / "rgb_resnet18.pth"
+    torch.save(net.state_dict(), path)
+    return net.eval(), str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# ResNet2D
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b,s,size", [(1, 1, 32), (2, 4, 32), (3, 2, 48), (1, 3, 40)])
+def test_resnet_shapes_and_mean_aggregation(resnet: ResNet2D, b: int, s: int, size: int) -> None:
+    x = volumes(b, s, size, size)
+    with torch.no_grad():
+        logits = resnet(x)
+        logits2, feats = resnet(x, return_features=True)
+        per_slice = resnet.slice_logits(x)
+    assert logits.shape == (b, K) and feats.shape == (b, 512) and per_slice.shape == (b, s, K)
+    torch.testing.assert_close(logits2, logits)
+    torch.testing.assert_close(feats, resnet.features(x))
+    # The paper's mean of slice logits equals fc of the mean slice feature (fc is linear).
+    torch.testing.assert_close(per_slice.mean(dim=1), logits)
+    torch.testing.assert_close(resnet.fc(feats), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_slices_are_independent(resnet: ResNet2D) -> None:
+    """In eval mode a slice's logits do not depend on its neighbours: the model is 2D."""
+    x = volumes(1, 3, 32, 32)
+    y = x.clone()
+    y[0, 2] = volumes(32, 32, seed=5)
+    with torch.no_grad():
+        a, b = resnet.slice_logits(x), resnet.slice_logits(y)
+    torch.testing.assert_close(a[0, :2], b[0, :2])
+    assert not torch.allclose(a[0, 2], b[0, 2])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 100])
+def test_resnet_slice_chunk_gives_the_same_result(resnet: ResNet2D, chunk: int) -> None:
+    x = volumes(2, 5, 32, 32)
+    chunked = ResNet2D(slice_chunk=chunk).eval()
+    chunked.load_state_dict(resnet.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), resnet(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chunked.features(x), resnet.features(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_classes": 0}, {"slice_chunk": 0}, {"slice_chunk": 2.5}, {"weights": "IMAGENET"}, {"weights": 3}],
+)
+def test_resnet_bad_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        ResNet2D(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [torch.zeros(2, 32, 32), torch.zeros(2, 1, 3, 32, 32), torch.zeros(1, 2, 32, 32, dtype=torch.int64)],
+)
+def test_resnet_bad_input(resnet: ResNet2D, bad: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="ResNet2D expects"):
+        resnet(bad)
+
+
+def test_rgb_weights_become_a_grey_kernel_with_the_same_response(rgb_weights: tuple[nn.Module, str]) -> None:
+    rgb, path = rgb_weights
+    grey = ResNet2D(weights=path).eval()
+    assert grey.weights_used == f"file:{path}"
+    torch.testing.assert_close(grey.backbone.conv1.weight, rgb.conv1.weight.sum(dim=1, keepdim=True))
+    x = volumes(2, 3, 48, 48)
+    rgb_features = nn.Sequential(*list(rgb.children())[:-1])  # everything up to the pooled 512-d features
+    with torch.no_grad():
+        expected = rgb_features(x.reshape(6, 1, 48, 48).repeat(1, 3, 1, 1)).reshape(2, 3, 512).mean(dim=1)
+        got = grey.features(x)
+    assert expected.abs().max() > 0.1  # a meaningful comparison, not of zeros
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_torchvision_name_loads_the_hub_cache(monkeypatch, tmp_path, rgb_weights) -> None:
+    """``"IMAGENET1K_V1"`` and ``"DEFAULT"`` read torchvision's cached file; no download is attempted."""
+    rgb, path = rgb_weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(open(path, "rb").read())
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("download attempted although the file is cached")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    for name in ("IMAGENET1K_V1", "DEFAULT", torchvision.models.ResNet18_Weights.IMAGENET1K_V1):
+        model = ResNet2D(weights=name)
+        assert model.weights_used == "IMAGENET1K_V1"
+        torch.testing.assert_close(model.backbone.layer4[1].conv2.weight, rgb.layer4[1].conv2.weight)
+
+
+def test_failed_download_raises_weights_unavailable(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailableError, match="IMAGENET1K_V1") as info:
+        ResNet2D(weights="IMAGENET1K_V1")
+    message = str(info.value)
+    assert (
+        "no network" in message and str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+    )
+
+
+def test_missing_or_bad_weight_files_raise(tmp_path) -> None:
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        ResNet2D(weights=tmp_path / "nowhere.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match="cannot be read"):
+        ResNet2D(weights=str(garbage))
+    other = tmp_path / "other.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, other)
+    with pytest.raises(WeightsUnavailableError, match="do not fit"):
+        ResNet2D(weights=str(other))
+    torch.save([1, 2, 3], other)
+    with pytest.raises(WeightsUnavailableError, match="not a state dict"):
+        ResNet2D(weights=str(other))
+
+
+def test_fallback_to_random_init(tmp_path, caplog) -> None:
+    missing = tmp_path / "missing.pth"
+    with pytest.raises(WeightsUnavailableError):
+        resnet2d_with_fallback(missing, allow_random=False)
+    with caplog.at_level(logging.WARNING, logger="ctlib.models"):
+        model = resnet2d_with_fallback(missing, allow_random=True, num_classes=5)
+    assert model.weights_used == "random" and model.fc.out_features == 5
+    assert any(r.levelno == logging.WARNING and "missing.pth" in r.getMessage() for r in caplog.records)
+    assert resnet2d_with_fallback(None, allow_random=False).weights_used == "random"
+
+
+# --------------------------------------------------------------------------------------------------
+# ViT3D
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b,s", [(1, 1), (2, 4), (3, 8)])
+@pytest.mark.parametrize("size,patch", [(32, 8), (48, 16)])
+def test_vit_shapes(b: int, s: int, size: int, patch: int) -> None:
+    model = ViT3D(**{**VIT, "image_size": size, "patch_size": patch}).eval()
+    x = volumes(b, s, size, size)
+    with torch.no_grad():
+        logits = model(x)
+        logits2, feats = model(x, return_features=True)
+    assert logits.shape == (b, K) and feats.shape == (b, 32) and model.feature_dim == 32
+    torch.testing.assert_close(logits2, logits)
+    torch.testing.assert_close(model.features(x), feats)
+    torch.testing.assert_close(model.head(feats), logits)
+
+
+def test_vit_paper_defaults() -> None:
+    model = ViT3D()
+    assert (model.image_size, model.patch_size, model.grid, model.dim, model.heads) == (224, 16, 14, 512, 8)
+    assert len(model.spatial) == 4 and len(model.across) == 4
+    assert model.spatial_pos.shape == (196, 512) and model.slice_pos.shape == (100, 512)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"image_size": 30},  # not divisible by the patch size 8
+        {"patch_size": 0},
+        {"patch_size": 64},  # larger than the 32-pixel slices
+        {"dim": 0},
+        {"heads": 0},
+        {"dim_head": -1},
+        {"spatial_depth": 0},
+        {"max_slices": 0},
+        {"dropout": 1.0},
+        {"num_classes": 0},
+    ],
+)
+def test_vit_bad_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        ViT3D(**{**VIT, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((1, 2, 32, 40), "needs slices of 32x32"),
+        ((1, 2, 24, 24), "needs slices"),
+        ((1, 9, 32, 32), "max_slices=8"),
+        ((2, 32, 32), "expects"),
+    ],
+)
+def test_vit_bad_input(shape: tuple[int, ...], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ViT3D(**VIT)(torch.zeros(shape))
+
+
+def test_vit_positional_embedding_over_slices_orders_them() -> None:
+    """Without the slice embedding the encoder would not see the order of the slices."""
+    model = ViT3D(**VIT).eval()
+    x = volumes(1, 4, 32, 32)
+    reversed_x = x.flip(1)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model(reversed_x), atol=1e-4)
+        model.slice_pos.zero_()
+        torch.testing.assert_close(model(x), model(reversed_x), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_maps_are_the_weights_sdpa_used() -> None:
+    model = ViT3D(**{**VIT, "spatial_depth": 2, "slice_depth": 3}).eval()
+    x = volumes(2, 5, 32, 32)
+    with torch.no_grad():
+        maps = model.attention_maps(x)
+        logits = model(x)
+    assert maps["spatial"].shape == (2, 5, 2, 2, 16, 16)  # (B, S, L_spatial, heads, N, N)
+    assert maps["slice"].shape == (2, 16, 3, 2, 5, 5)  # (B, N, L_slice, heads, S, S)
+    for key in ("spatial", "slice"):
+        assert (maps[key] >= 0).all()
+        torch.testing.assert_close(maps[key].sum(-1), torch.ones(maps[key].shape[:-1]))
+    torch.testing.assert_close(maps["logits"], logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps["features"], model.features(x), atol=1e-5, rtol=1e-5)
+    # Volumes attend differently: the maps depend on the input.
+    assert not torch.allclose(maps["spatial"][0], maps["spatial"][1])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    plain = ViT3D(**VIT).train()
+    ckpt = ViT3D(**VIT, gradient_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x, y = volumes(2, 3, 32, 32), torch.ones(2, K)
+    for model in (plain, ckpt):
+        F.binary_cross_entropy_with_logits(model(x), y).backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fusion
+# --------------------------------------------------------------------------------------------------
+
+
+def fusion(**kwargs) -> Fusion:
+    return Fusion(vit_kwargs=VIT, **kwargs)
+
+
+@pytest.mark.parametrize("b,s", [(1, 1), (2, 4)])
+@pytest.mark.parametrize("alpha", [1.0, 0.3, "learned"])
+def test_fusion_shapes_and_formula(b: int, s: int, alpha: float | str) -> None:
+    model = fusion(alpha=alpha).eval()
+    x = volumes(b, s, 32, 32)
+    with torch.no_grad():
+        logits, feats = model(x, return_features=True)
+        expected = model.resnet.features(x) + model.alpha_value * model.project(model.vit.features(x))
+    assert logits.shape == (b, K) and feats.shape == (b, 512)
+    torch.testing.assert_close(feats, expected)
+    torch.testing.assert_close(model.features(x), feats)
+    torch.testing.assert_close(model(x), model.head(feats))
+
+
+def test_fusion_alpha_is_a_buffer_or_a_parameter() -> None:
+    fixed, learned = fusion(alpha=0.3), fusion(alpha="learned", alpha_init=0.25)
+    assert fixed.alpha_value == pytest.approx(0.3) and learned.alpha_value == 0.25
+    assert "alpha" in dict(fixed.named_buffers()) and "alpha" not in dict(fixed.named_parameters())
+    assert "alpha" in dict(learned.named_parameters())
+    assert fixed.beta_value == 1.0 and "beta" not in dict(fixed.named_parameters())
+    assert "alpha" in fixed.state_dict()  # a reloaded checkpoint keeps its alpha
+
+
+def test_fusion_alpha_zero_ignores_the_3d_branch() -> None:
+    model = fusion(alpha=0.0).eval()
+    x = volumes(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        torch.testing.assert_close(before, model.head(model.resnet.features(x)))
+        for p in model.vit.parameters():
+            p.fill_(float("nan"))  # whatever the ViT holds
+        torch.testing.assert_close(model(x), before)
+    model.train()
+    F.binary_cross_entropy_with_logits(model(x), torch.ones(2, K)).backward()
+    assert all(
+        p.grad is None or not p.grad.any() for p in [*model.vit.parameters(), *model.project.parameters()]
+    )
+    assert model.resnet.backbone.conv1.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in model.vit.parameters())
+
+
+def test_fusion_learned_alpha_and_beta_receive_gradients() -> None:
+    model = fusion(alpha="learned", learn_2d_weight=True).train()
+    assert model.beta_value == 1.0 and model.alpha_value == 0.5
+    F.binary_cross_entropy_with_logits(model(volumes(2, 3, 32, 32)), torch.ones(2, K)).backward()
+    assert model.alpha.grad is not None and model.alpha.grad.abs() > 0
+    assert model.beta.grad is not None and model.beta.grad.abs() > 0
+
+
+def test_fusion_every_trainable_parameter_gets_a_gradient() -> None:
+    """DDP without ``find_unused_parameters``: the branches' own heads are frozen, the rest is used."""
+    model = fusion(alpha="learned").train()
+    assert not any(p.requires_grad for p in [*model.resnet.fc.parameters(), *model.vit.head.parameters()])
+    F.binary_cross_entropy_with_logits(model(volumes(2, 3, 32, 32)), torch.ones(2, K)).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+
+
+def test_fusion_uses_given_branches() -> None:
+    resnet, vit = ResNet2D(), ViT3D(**{**VIT, "dim": 48})
+    model = Fusion(resnet=resnet, vit=vit)
+    assert model.resnet is resnet and model.vit is vit and model.project.in_features == 48
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"alpha": "learnt"},
+        {"alpha": float("nan")},
+        {"alpha": True},
+        {"alpha_init": float("inf"), "alpha": "learned"},
+        {"num_classes": 0},
+        {"vit": ViT3D(**VIT), "vit_kwargs": VIT},
+        {"resnet": nn.Linear(2, 2), "vit_kwargs": VIT},
+    ],
+)
+def test_fusion_bad_arguments(kwargs: dict) -> None:
+    kwargs = kwargs if "vit" in kwargs or "vit_kwargs" in kwargs else {**kwargs, "vit_kwargs": VIT}
+    with pytest.raises(ValueError):
+        Fusion(**kwargs)
+
+
+def test_fusion_needs_the_vit_slice_size() -> None:
+    with pytest.raises(ValueError, match="needs slices of 32x32"):
+        fusion()(volumes(1, 2, 48, 48))
+
+
+# --------------------------------------------------------------------------------------------------
+# Each model can fit a handful of fixed volumes
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make,lr,steps",
+    [
+        (lambda: ResNet2D(), 1e-3, 30),
+        (lambda: ViT3D(**VIT), 3e-3, 40),
+        (lambda: fusion(alpha="learned"), 1e-3, 30),
+    ],
+    ids=["resnet2d", "vit3d", "fusion"],
+)
+def test_model_overfits_a_few_volumes(make, lr: float, steps: int) -> None:
+    x = volumes(8, 2, 32, 32, seed=3)
+    y = (torch.rand(8, K, generator=torch.Generator().manual_seed(4)) < 0.5).float()
+    y[0] = 1 - y[1]  # both labels occur in every class, so each class has an AUROC
+    model = make().train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
+    losses = []
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        scores = torch.sigmoid(model(x))
+    assert losses[-1] < losses[0] / 5, losses
+    assert roc_auc_score(y.numpy(), scores.numpy(), average="macro") > 0.95
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark script still runs against this API
+# --------------------------------------------------------------------------------------------------
+
+
+def test_benchmark_measures_a_tiny_configuration(monkeypatch) -> None:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models.py"
+    spec = importlib.util.spec_from_file_location("bench_models", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_models", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    rows = []
+    for setting in ("fp32", "bf16+ckpt"):
+        cfg = bench.Config(
+            "cpu", "fusion", setting, batch=1, slices=2, size=32, steps=1, warmup=0, quick=True
+        )
+        result = bench.measure(cfg)
+        assert result["step_s"] > 0 and result["peak_mib"] > 0
+        rows.append((cfg, result))
+    text = bench.table(rows)
+    assert "fusion" in text and "bf16+ckpt" in text and "1.00" in text

@@ -195,6 +195,16 @@ class RunSpec:
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def run_is_complete(run_dir: str | Path, spec: RunSpec) -> bool:
+    """True when ``run_dir`` holds a finished run of exactly ``spec`` (its metrics are written)."""
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return (run_dir / "metrics.json").exists() and config.get("fingerprint") == spec.fingerprint()
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -283,17 +293,14 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
         ckpt_dir = out / "checkpoints"
         if main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            done = out / "metrics.json"
             if redo:
                 for name in ("metrics.json", "history.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
                     (out / name).unlink(missing_ok=True)
-            elif done.exists() and json.loads((out / "config.json").read_text()).get("fingerprint") == fp:
+        if dist_utils.broadcast_object(main and not redo and run_is_complete(out, spec)):
+            if main:
                 log.info("%s is complete (metrics.json present); use --redo to train again", out)
-        finished = dist_utils.broadcast_object(
-            main and not redo and (out / "metrics.json").exists()
-            and json.loads((out / "config.json").read_text()).get("fingerprint") == fp)
-        if finished:
-            return json.loads((out / "metrics.json").read_text()) if main else None
+                return json.loads((out / "metrics.json").read_text())
+            return None
 
         # Data: rank 0 generates and prepares, the others wait, then all read the same cache.
         if main:

@@ -51,7 +51,7 @@ from IPython.display import display
 from ctlib import figures
 from ctlib.launch import run_name, run_streaming, run_tag, torchrun_command
 from ctlib.profiles import get_profile
-from ctlib.train import RunSpec, prepare_data
+from ctlib.train import RunSpec, prepare_data, run_is_complete
 
 MODEL, ALPHA, LABEL = "resnet2d", None, "ResNet"
 prof = get_profile(profile, work_dir=str(Path(work_dir).resolve()),
@@ -82,8 +82,7 @@ print(f"{len(cohort)} volumes of {cohort['patient'].nunique()} patients, prepare
 
 # %%
 spec = RunSpec(prof, MODEL, 1.0)
-done = (run_dir / "metrics.json").exists() and \
-    json.loads((run_dir / "config.json").read_text()).get("fingerprint") == spec.fingerprint()
+done = run_is_complete(run_dir, spec)
 if done and not redo:
     print(f"{run_dir} is complete: reusing it (redo=True trains again)")
 else:

@@ -50,7 +50,7 @@ from ctlib.launch import ALPHAS, run_name, run_streaming, run_tag, torchrun_comm
 from ctlib.metrics import metrics_table
 from ctlib.paper_numbers import compare_metrics, paper_table3
 from ctlib.profiles import get_profile
-from ctlib.train import RunSpec, prepare_data
+from ctlib.train import RunSpec, prepare_data, run_is_complete
 
 prof = get_profile(profile, work_dir=str(Path(work_dir).resolve()),
                    data_root=None if data_root is None else str(Path(data_root).resolve()), seed=int(seed))
@@ -73,8 +73,7 @@ cohort, cache = prepare_data(prof, "fusion")
 for alpha in ALPHAS:
     run_dir = run_root / run_name("fusion", alpha)
     spec = RunSpec(prof, "fusion", alpha)
-    done = (run_dir / "metrics.json").exists() and \
-        json.loads((run_dir / "config.json").read_text()).get("fingerprint") == spec.fingerprint()
+    done = run_is_complete(run_dir, spec)
     again = redo and alpha != 1.0  # notebook 04 owns (and redoes) alpha = 1
     if done and not again:
         print(f"alpha {alpha_label[alpha]}: {run_dir} is complete, reused")

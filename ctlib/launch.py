@@ -11,9 +11,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ctlib.profiles import Profile, get_profile
 
 # The runs of the paper: Table 2 (ResNet, ViT, ResNet+ViT with equal weights) and Table 3 (alpha).
 ALPHAS: tuple[float | str, ...] = (0.0, 0.1, 0.3, 0.5, 1.0, "learned")
@@ -92,3 +95,54 @@ def run_tag(profile: str, seed: int = 0) -> str:
     Runs go to ``runs/<tag>/<run_name>``, figures to ``figures/<tag>/``, tables to ``results/<tag>/``.
     """
     return profile if int(seed) == 0 else f"{profile}-seed{int(seed)}"
+
+
+@dataclass(frozen=True)
+class PaperOutputs:
+    """Where one profile's outputs go, as every notebook's parameters cell describes them."""
+
+    profile: Profile
+    seed: int
+    tag: str
+    runs: Path  # runs_dir/<tag>: one folder per training run
+    figures: Path  # figures_dir/<tag>
+    results: Path  # results_dir/<tag>: tables as CSV and Markdown
+
+    def run_dir(self, model: str, alpha: float | str | None = None) -> Path:
+        return self.runs / run_name(model, alpha)
+
+
+def paper_outputs(profile: str, *, data_root: str | Path | None = None, work_dir: str | Path = "../data",
+                  runs_dir: str | Path = "../runs", figures_dir: str | Path = "../figures",
+                  results_dir: str | Path = "../results", seed: int = 0) -> PaperOutputs:
+    """The resolved profile and output folders of a notebook run (folders are created)."""
+    prof = get_profile(profile, work_dir=str(Path(work_dir).resolve()),
+                       data_root=None if data_root is None else str(Path(data_root).resolve()), seed=int(seed))
+    tag = run_tag(profile, seed)
+    out = PaperOutputs(prof, int(seed), tag, Path(runs_dir).resolve() / tag, Path(figures_dir) / tag,
+                       Path(results_dir) / tag)
+    for folder in (out.figures, out.results):
+        folder.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train_run(outputs: PaperOutputs, model: str, alpha: float | str | None = None, *,
+              processes: int | None = None, redo: bool = False) -> Path:
+    """Prepares the data in this process, then trains one run with ``torchrun`` unless it is complete.
+
+    Returns the run folder. A finished run with the same settings is reused unless ``redo``.
+    """
+    from ctlib.train import RunSpec, prepare_data, run_is_complete
+
+    prof = outputs.profile
+    run_dir = outputs.run_dir(model, alpha)
+    # The workers then find a ready cache (generation and preparation happen once, here).
+    prepare_data(prof, model)
+    spec = RunSpec(prof, model, 1.0 if alpha is None else alpha)
+    if run_is_complete(run_dir, spec) and not redo:
+        print(f"{run_dir} is complete: reused (redo=True trains again)")
+        return run_dir
+    run_streaming(torchrun_command(profile=prof.name, model=model, alpha=alpha, out=run_dir,
+                                   processes=processes, data_root=prof.data_root, work_dir=prof.work_dir,
+                                   seed=outputs.seed, redo=redo))
+    return run_dir

@@ -39,7 +39,6 @@ redo = False
 
 # %%
 # %matplotlib inline
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,17 +46,13 @@ from IPython.display import Markdown, display
 
 from ctlib import figures
 from ctlib.data import CLASSES, class_table, load_cohort, load_prepared, read_hu
-from ctlib.launch import run_tag
+from ctlib.launch import paper_outputs
 from ctlib.paper_numbers import compare_table1, paper_table1
-from ctlib.profiles import get_profile
 from ctlib.train import ensure_dataset, make_splits, prepare_data, preprocessing_for
 
-prof = get_profile(profile, work_dir=str(Path(work_dir).resolve()),
-                   data_root=None if data_root is None else str(Path(data_root).resolve()), seed=int(seed))
-tag = run_tag(profile, seed)
-fig_dir, res_dir = Path(figures_dir) / tag, Path(results_dir) / tag
-fig_dir.mkdir(parents=True, exist_ok=True)
-res_dir.mkdir(parents=True, exist_ok=True)
+out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
+                    figures_dir=figures_dir, results_dir=results_dir, seed=seed)
+prof, fig_dir, res_dir = out.profile, out.figures, out.results
 data_kind = "CT-RATE" if prof.data_root else "synthetic CT-RATE-format phantoms"
 print(f"profile {prof.name}, data: {data_kind}; figures -> {fig_dir}, tables -> {res_dir}")
 

@@ -40,24 +40,19 @@ redo = False
 # %%
 # %matplotlib inline
 import json
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import display
 
 from ctlib import figures
-from ctlib.launch import run_name, run_streaming, run_tag, torchrun_command
-from ctlib.profiles import get_profile
-from ctlib.train import RunSpec, prepare_data, run_is_complete
+from ctlib.launch import paper_outputs, train_run
+from ctlib.train import prepare_data
 
 MODEL, ALPHA, LABEL = "fusion", 1.0, "ResNet+ViT"
-prof = get_profile(profile, work_dir=str(Path(work_dir).resolve()),
-                   data_root=None if data_root is None else str(Path(data_root).resolve()), seed=int(seed))
-tag = run_tag(profile, seed)
-fig_dir, res_dir = Path(figures_dir) / tag, Path(results_dir) / tag
-fig_dir.mkdir(parents=True, exist_ok=True)
-res_dir.mkdir(parents=True, exist_ok=True)
-run_dir = Path(runs_dir).resolve() / tag / run_name(MODEL, ALPHA)
+out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
+                    figures_dir=figures_dir, results_dir=results_dir, seed=seed)
+prof, fig_dir, res_dir = out.profile, out.figures, out.results
+run_dir = out.run_dir(MODEL, ALPHA)
 print(f"profile {prof.name}: {LABEL} -> {run_dir}")
 
 # %% [markdown]
@@ -78,13 +73,7 @@ print(f"{len(cohort)} volumes of {cohort['patient'].nunique()} patients, prepare
 # is reused unless `redo`.
 
 # %%
-spec = RunSpec(prof, MODEL, 1.0)
-done = run_is_complete(run_dir, spec)
-if done and not redo:
-    print(f"{run_dir} is complete: reusing it (redo=True trains again)")
-else:
-    run_streaming(torchrun_command(profile=profile, model=MODEL, alpha=ALPHA, out=run_dir, processes=gpus,
-                                   data_root=prof.data_root, work_dir=prof.work_dir, seed=int(seed), redo=redo))
+train_run(out, MODEL, ALPHA, processes=gpus, redo=redo)
 
 # %% [markdown]
 # ## Learning curves

@@ -40,27 +40,21 @@ redo = False
 # %%
 # %matplotlib inline
 import json
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import display
 
 from ctlib import figures
-from ctlib.launch import ALPHAS, run_name, run_streaming, run_tag, torchrun_command
+from ctlib.launch import ALPHAS, paper_outputs, train_run
 from ctlib.metrics import metrics_table
 from ctlib.paper_numbers import compare_metrics, paper_table3
-from ctlib.profiles import get_profile
-from ctlib.train import RunSpec, prepare_data, run_is_complete
 
-prof = get_profile(profile, work_dir=str(Path(work_dir).resolve()),
-                   data_root=None if data_root is None else str(Path(data_root).resolve()), seed=int(seed))
-tag = run_tag(profile, seed)
-fig_dir, res_dir = Path(figures_dir) / tag, Path(results_dir) / tag
-fig_dir.mkdir(parents=True, exist_ok=True)
-res_dir.mkdir(parents=True, exist_ok=True)
-run_root = Path(runs_dir).resolve() / tag
+out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
+                    figures_dir=figures_dir, results_dir=results_dir, seed=seed)
+prof, fig_dir, res_dir = out.profile, out.figures, out.results
+
 alpha_label = {a: "learned" if a == "learned" else f"{float(a):.1f}" for a in ALPHAS}
-print(f"profile {prof.name}: alphas {list(alpha_label.values())} -> {run_root}")
+print(f"profile {prof.name}: alphas {list(alpha_label.values())} -> {out.runs}")
 
 # %% [markdown]
 # ## Training the fusion at every alpha
@@ -69,17 +63,9 @@ print(f"profile {prof.name}: alphas {list(alpha_label.values())} -> {run_root}")
 # and is not retrained here, even with `redo`.
 
 # %%
-cohort, cache = prepare_data(prof, "fusion")
 for alpha in ALPHAS:
-    run_dir = run_root / run_name("fusion", alpha)
-    spec = RunSpec(prof, "fusion", alpha)
-    done = run_is_complete(run_dir, spec)
-    again = redo and alpha != 1.0  # notebook 04 owns (and redoes) alpha = 1
-    if done and not again:
-        print(f"alpha {alpha_label[alpha]}: {run_dir} is complete, reused")
-        continue
-    run_streaming(torchrun_command(profile=profile, model="fusion", alpha=alpha, out=run_dir, processes=gpus,
-                                   data_root=prof.data_root, work_dir=prof.work_dir, seed=int(seed), redo=again))
+    # notebook 04 owns (and redoes) alpha = 1
+    train_run(out, "fusion", alpha, processes=gpus, redo=redo and alpha != 1.0)
 
 # %% [markdown]
 # ## Table 3
@@ -89,7 +75,7 @@ for alpha in ALPHAS:
 # adding nothing the slices did not already give).
 
 # %%
-metrics = {alpha_label[a]: json.loads((run_root / run_name("fusion", a) / "metrics.json").read_text())
+metrics = {alpha_label[a]: json.loads((out.run_dir("fusion", a) / "metrics.json").read_text())
            for a in ALPHAS}
 table3 = metrics_table(metrics, keys=("auroc", "accuracy", "precision", "recall", "f1"))
 table3.index.name = "alpha"
@@ -122,7 +108,7 @@ figures.plot_metrics_vs_alpha(table3, paper_table3(), path=fig_dir / "table3_met
 # projection's; its trajectory and sign say more than its final value.)
 
 # %%
-learned_dir = run_root / run_name("fusion", "learned")
+learned_dir = out.run_dir("fusion", "learned")
 history = pd.read_csv(learned_dir / "history.csv")
 print(f"alpha: {prof.alpha_init:g} at the start -> {metrics['learned']['alpha_final']:.3f} after "
       f"{len(history)} epochs (best epoch {metrics['learned']['best_epoch']})")
@@ -134,6 +120,6 @@ figures.plot_alpha_trajectory(history, initial=prof.alpha_init,
 # ## Learning curves of all alpha runs
 
 # %%
-histories = {f"alpha {alpha_label[a]}": pd.read_csv(run_root / run_name("fusion", a) / "history.csv")
+histories = {f"alpha {alpha_label[a]}": pd.read_csv(out.run_dir("fusion", a) / "history.csv")
              for a in ALPHAS}
 figures.plot_learning_curves(histories, path=fig_dir / "learning_curves_alpha.png")

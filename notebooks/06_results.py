@@ -37,13 +37,12 @@ redo = False
 # %%
 # %matplotlib inline
 import json
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import Markdown, display
 
 from ctlib import figures
-from ctlib.launch import ALPHAS, run_name, run_tag
+from ctlib.launch import ALPHAS, paper_outputs
 from ctlib.paper_numbers import (
     PUBLISHED_CTRATE_NOTE,
     compare_metrics,
@@ -51,20 +50,16 @@ from ctlib.paper_numbers import (
     published_comparison,
     results_table2,
 )
-from ctlib.profiles import get_profile
 
-prof = get_profile(profile, work_dir=str(Path(work_dir).resolve()),
-                   data_root=None if data_root is None else str(Path(data_root).resolve()), seed=int(seed))
-tag = run_tag(profile, seed)
-fig_dir, res_dir = Path(figures_dir) / tag, Path(results_dir) / tag
-fig_dir.mkdir(parents=True, exist_ok=True)
-res_dir.mkdir(parents=True, exist_ok=True)
-run_root = Path(runs_dir).resolve() / tag
+out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
+                    figures_dir=figures_dir, results_dir=results_dir, seed=seed)
+prof, fig_dir, res_dir = out.profile, out.figures, out.results
+
 
 MODELS = {"ResNet": ("resnet2d", None, "02"), "ViT": ("vit3d", None, "03"), "ResNet+ViT": ("fusion", 1.0, "04")}
 runs = {}
 for label, (model, alpha, notebook) in MODELS.items():
-    path = run_root / run_name(model, alpha) / "metrics.json"
+    path = out.run_dir(model, alpha) / "metrics.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run notebook {notebook} first (profile {profile}, seed {seed})")
     runs[label] = json.loads(path.read_text())
@@ -112,7 +107,7 @@ figures.plot_metric_comparison(ours_05, paper_table2(),
 # models apart for that class.
 
 # %%
-per_class = {label: pd.read_csv(run_root / run_name(model, alpha) / "per_class_auroc.csv", index_col="class")
+per_class = {label: pd.read_csv(out.run_dir(model, alpha) / "per_class_auroc.csv", index_col="class")
              for label, (model, alpha, _) in MODELS.items()}
 figures.plot_per_class_auroc(per_class, path=fig_dir / "fig3_per_class_auroc.png")
 
@@ -134,7 +129,7 @@ per_class_table.round(3)
 ours = {f"ours: {label} (alpha 1)" if label == "ResNet+ViT" else f"ours: {label}":
         (m["auroc"], f"{m['data']}; {m['n_test']} test volumes") for label, m in runs.items()}
 for alpha in ALPHAS:
-    path = run_root / run_name("fusion", alpha) / "metrics.json"
+    path = out.run_dir("fusion", alpha) / "metrics.json"
     if alpha != 1.0 and path.exists():  # notebook 05's runs, when it has been run
         m = json.loads(path.read_text())
         ours[f"ours: ResNet+ViT, alpha {alpha}"] = (m["auroc"], f"{m['data']}; {m['n_test']} test volumes")

@@ -47,13 +47,12 @@ from IPython.display import display
 
 from ctlib import figures, latent
 from ctlib.data import CLASSES, load_prepared
-from ctlib.launch import run_name, run_tag
+from ctlib.launch import paper_outputs
 
-tag = run_tag(profile, seed)
-fig_dir, res_dir = Path(figures_dir) / tag, Path(results_dir) / tag
-fig_dir.mkdir(parents=True, exist_ok=True)
-res_dir.mkdir(parents=True, exist_ok=True)
-run_dir = Path(runs_dir).resolve() / tag / run_name("fusion", "learned")
+out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
+                    figures_dir=figures_dir, results_dir=results_dir, seed=seed)
+prof, fig_dir, res_dir = out.profile, out.figures, out.results
+run_dir = out.run_dir("fusion", "learned")
 if not (run_dir / "features.npz").exists():
     raise FileNotFoundError(f"{run_dir / 'features.npz'} is missing: run notebook 05 first (profile {profile})")
 config = json.loads((run_dir / "config.json").read_text())

@@ -12,6 +12,10 @@ Sizes are the paper's (sections 3.1, 4.1, 4.2): ResNet2D on 100 slices of 214x21
 (bf16 autocast, what the paper profile uses on CUDA), ``+cl`` (channels_last, for the convolutional
 models) and ``+ckpt`` (gradient checkpointing of the ViT blocks). Ratios are against ``fp32``.
 
+On a CPU shared with other busy processes, torch's OpenMP threads wait for each other at every
+barrier and steps become many times slower: run the CPU rows on an idle machine (or with ``--threads``
+below the free cores) and compare the ``min`` column.
+
     python benchmarks/bench_models.py                      # CPU, and CUDA when available
     python benchmarks/bench_models.py --device cuda        # the paper's sizes on a GPU
     python benchmarks/bench_models.py --device cpu --slices 20 --steps 3
@@ -51,6 +55,7 @@ class Config:
     steps: int
     warmup: int
     quick: bool
+    threads: int | None = None  # torch intra-op threads on the CPU; None: torch's default
 
 
 def build(cfg: Config):
@@ -74,6 +79,8 @@ def measure(cfg: Config) -> dict:
     import torch.nn.functional as F
 
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="64x64 slices, 8 slices, a small ViT: a smoke run"
     )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda but torch.cuda.is_available() is False")
     else:
         devices = [args.device]
-    for name in ("batch", "slices", "steps", "warmup"):
+    for name in ("batch", "slices", "steps", "warmup", "threads"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             parser.error(f"--{name} must be positive, got {value}")
@@ -205,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         for model in args.models:
             size = 64 if args.quick else (214 if model == "resnet2d" else 224)
             for setting in (s for s in args.settings if s in APPLIES[model]):
-                cfg = Config(device, model, setting, args.batch, slices, size, steps, warmup, args.quick)
+                cfg = Config(
+                    device, model, setting, args.batch, slices, size, steps, warmup, args.quick, args.threads
+                )
                 result = run_isolated(cfg, args.timeout)
                 rows.append((cfg, result))
                 name = result.get("device_name", "")

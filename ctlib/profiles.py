@@ -110,7 +110,7 @@ DEMO = dataclasses.replace(
     vit_heads=4,
     vit_dim_head=32,
     vit_mlp_dim=256,
-    epochs=5,
+    epochs=4,
     num_workers=0,
     eval_batch_size=16,
 )

@@ -43,6 +43,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from two threads, and OpenMP threads that share a busy core with another
+    process wait for each other at every barrier (measured: 40x slower steps). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def resnet() -> ResNet2D:
     return ResNet2D().eval()

@@ -599,7 +599,7 @@ def plot_pipeline(
     arrow(11.8, 20, 14.2, 20)
 
     # 2D branch (top)
-    box(34, 28, 15, 9, f"2D ResNet-18\nper slice ({n}×{n}, 1 channel)\nImageNet init", "2d", bold=False)
+    box(34, 28, 15, 9, f"2D ResNet-18\nper slice ({n}×{n}, 1 channel)\nImageNet init (paper)", "2d", bold=False)
     box(53, 29.5, 9, 6, "mean over\nslices", "2d")
     box(66, 29.5, 7, 6, r"$x_{2d}$" + "\n512", "2d")
     arrow(29.8, 22, 33.6, 31, rad=-0.15)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ctlib import distributed as dist_utils
 from ctlib.cache import Preprocessing, cache_dir, prepare
 from ctlib.data import CLASSES, PreparedVolumes, load_cohort, split_patients
-from ctlib.metrics import bootstrap_auroc, evaluate, predictions_frame
+from ctlib.metrics import bootstrap_auroc, evaluate, predictions_frame, score
 from ctlib.models import Fusion, ResNet2D, ViT3D, resnet2d_with_fallback
 from ctlib.profiles import MODELS, Profile, get_profile, load_profile, parse_overrides, save_profile
 
@@ -269,12 +269,6 @@ def _bce(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(t)
 
 
-def _quick_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
-    from ctlib.metrics import score
-
-    return float(score(labels, probs)["auroc"])
-
-
 def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool = True,
           after_epoch: Callable[[int], None] | None = None) -> dict[str, Any] | None:
     """Trains and evaluates one run into ``out``; returns the metrics (on rank 0, else None).
@@ -302,11 +296,12 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
                 return json.loads((out / "metrics.json").read_text())
             return None
 
-        # Data: rank 0 generates and prepares, the others wait, then all read the same cache.
+        # Data: rank 0 generates and prepares, the others wait, then read the same (complete) cache.
         if main:
-            prepare_data(profile, model_name, progress=progress)
+            cohort, cdir = prepare_data(profile, model_name, progress=progress)
         dist_utils.barrier()
-        cohort, cdir = prepare_data(profile, model_name, progress=False)
+        if not main:
+            cohort, cdir = prepare_data(profile, model_name, progress=False)
         splits = make_splits(cohort, profile)
         dataset = PreparedVolumes(cdir, cohort)
         parts = {s: Subset(dataset, np.flatnonzero((splits == s).to_numpy()).tolist())
@@ -394,7 +389,7 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
             sched.step(val_loss)
             alpha, beta = _alpha_beta(model)
             row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_auroc": _quick_auroc(val["labels"], val["probs"]),
+                   "val_auroc": float(score(val["labels"], val["probs"])["auroc"]),
                    "lr": opt.param_groups[0]["lr"], "alpha": alpha, "beta": beta,
                    "seconds": time.time() - t0}
             history.append(row)

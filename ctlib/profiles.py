@@ -67,6 +67,9 @@ class Profile:
     num_workers: int = 4  # DataLoader workers per process
     eval_batch_size: int = 8
     bootstrap: int = 1000  # resamples for per-class AUROC confidence intervals
+    # Training volumes on which the ResNet's BatchNorm statistics are recomputed before each validation
+    # (ctlib.train.recalibrate_batchnorm); 0 keeps PyTorch's running averages, the paper's plain loop.
+    bn_recalibration: int = 0
     max_steps_per_epoch: int | None = None  # cap optimisation steps per epoch (quick checks only)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -96,7 +99,11 @@ DEMO = dataclasses.replace(
     PAPER,
     name="demo",
     # Synthetic phantoms at 2.75 mm resampled to 5.5 x 5.5 x 10 mm: 64x64 slices, centre 16 of 24.
-    synthetic_patients=300,
+    # 400 patients (~490 volumes) for 3 epochs: within 30 minutes on 2 cores, the models learn more
+    # from more distinct volumes than from a fourth pass over fewer (the ViT, trained from scratch, is
+    # data-bound: 8 epochs over 300 patients left its validation AUROC at 0.64), and the test split
+    # (~50 volumes) gives tighter intervals.
+    synthetic_patients=400,
     target_spacing=(5.5, 5.5, 10.0),
     size_2d=(64, 64, 24),
     size_3d=(64, 64, 24),
@@ -110,7 +117,10 @@ DEMO = dataclasses.replace(
     vit_heads=4,
     vit_dim_head=32,
     vit_mlp_dim=256,
-    epochs=4,
+    epochs=3,
+    # Trained from scratch for a few hundred steps, the running BatchNorm averages lag the weights and
+    # the validation loss that picks the checkpoint and steers the scheduler is then meaningless.
+    bn_recalibration=32,
     num_workers=0,
     eval_batch_size=16,
 )
@@ -135,6 +145,7 @@ SMOKE = dataclasses.replace(
     epochs=2,
     batch_size=4,
     eval_batch_size=8,
+    bn_recalibration=8,
     bootstrap=50,
 )
 

@@ -110,8 +110,9 @@ figures.plot_metrics_vs_alpha(table3, paper_table3(), path=fig_dir / "table3_met
 # %%
 learned_dir = out.run_dir("fusion", "learned")
 history = pd.read_csv(learned_dir / "history.csv")
-print(f"alpha: {prof.alpha_init:g} at the start -> {metrics['learned']['alpha_final']:.3f} after "
-      f"{len(history)} epochs (best epoch {metrics['learned']['best_epoch']})")
+best = metrics["learned"]["best_epoch"]
+print(f"alpha: {prof.alpha_init:g} at the start -> {history['alpha'].iloc[-1]:.3f} after {len(history)} "
+      f"epochs; the evaluated model (best epoch {best}) has alpha {metrics['learned']['alpha_final']:.3f}")
 figures.plot_alpha_trajectory(history, initial=prof.alpha_init,
                               fixed=[float(a) for a in ALPHAS if a != "learned"],
                               path=fig_dir / "learned_alpha.png")

@@ -52,7 +52,8 @@ def test_run_writes_every_output(smoke_profile, tmp_path, model, alpha):
     assert feats["features"].shape[0] == len(splits)
     if alpha == "learned":
         assert np.isfinite(hist["alpha"]).all()
-        assert metrics["alpha_final"] == pytest.approx(hist["alpha"].iloc[-1])
+        # alpha of the evaluated model: the best epoch's (by validation loss), not necessarily the last
+        assert metrics["alpha_final"] == pytest.approx(hist["alpha"].iloc[metrics["best_epoch"] - 1])
     # The checkpoint loads back into the same model and reproduces the stored test probabilities.
     net, prof, config = load_run(out)
     assert prof == smoke_profile and config["model"] == model
@@ -183,3 +184,42 @@ def test_torchrun_command_and_names():
     assert run_tag("demo", 0) == "demo" and run_tag("demo", 1) == "demo-seed1"
     with pytest.raises(ValueError):
         torchrun_command(profile="demo", model="vit3d", out="o", processes=0)
+
+
+def test_recalibrate_batchnorm_uses_exact_training_statistics():
+    """Running statistics become the exact mean/variance over the chosen volumes, nothing else moves."""
+    from torch.utils.data import TensorDataset
+
+    from ctlib.models import ResNet2D, ViT3D
+    from ctlib.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    vols = torch.randn(12, 3, 32, 32) * 0.3 - 0.5
+    data = TensorDataset(vols, torch.zeros(12, len(CLASSES)))
+    model = ResNet2D(weights=None)
+    bn1 = model.backbone.bn1
+    bn1.running_mean.fill_(5.0)  # stale statistics, as after fast-moving early training
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k
+               and "num_batches" not in k}
+    rng_before = torch.get_rng_state()
+    model.train()
+
+    used = recalibrate_batchnorm(model, data, 8, batch_size=4, device=torch.device("cpu"), seed=3)
+
+    assert used == 8
+    chosen = np.random.default_rng(3).permutation(12)[:8]
+    with torch.no_grad():  # the first BN sees conv1 of every slice; two batches of 4 volumes
+        acts = [model.backbone.conv1(vols[chosen[i:i + 4]].reshape(-1, 1, 32, 32)) for i in (0, 4)]
+    mean = torch.stack([a.mean(dim=(0, 2, 3)) for a in acts]).mean(0)
+    var = torch.stack([a.var(dim=(0, 2, 3)) for a in acts]).mean(0)  # cumulative average of batches
+    torch.testing.assert_close(bn1.running_mean, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn1.running_var, var, rtol=1e-4, atol=1e-5)
+    assert bn1.momentum == 0.1 and model.training and all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    for k, v in model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k
+    # A model without BatchNorm (the ViT) is left alone.
+    vit = ViT3D(image_size=32, patch_size=8, max_slices=3, dim=16, spatial_depth=1, slice_depth=1,
+                heads=2, dim_head=8, mlp_dim=32)
+    assert recalibrate_batchnorm(vit, data, 8, batch_size=4, device=torch.device("cpu"), seed=0) == 0

@@ -261,7 +261,7 @@ def predict(model: nn.Module, dataset: PreparedVolumes | Subset, *, batch_size: 
     idx, out, lab = dist_utils.gather_predictions(torch.cat(idx_all), torch.cat(out_all), torch.cat(lab_all))
     c = len(CLASSES)
     logits = out[:, :c].numpy()
-    return {"index": idx.numpy(), "logits": logits, "probs": 1.0 / (1.0 + np.exp(-logits)),
+    return {"index": idx.numpy(), "logits": logits, "probs": torch.sigmoid(out[:, :c]).numpy(),
             "labels": lab.numpy(), "features": out[:, c:].numpy()}
 
 

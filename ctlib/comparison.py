@@ -41,6 +41,7 @@ from ctlib.metrics import (
 
 __all__ = [
     "check_paired",
+    "class_groups_for",
     "compare_predictions",
     "group_auroc",
     "paired_bootstrap_auroc",
@@ -51,6 +52,25 @@ __all__ = [
 ALL = "all"
 
 PredictionSource = str | os.PathLike[str] | pd.DataFrame
+
+
+def class_groups_for(data_root: str | os.PathLike[str] | None) -> dict[str, list[str]] | None:
+    """The 2D/3D class groups when the data are the synthetic snapshot, else None (with a printed note).
+
+    On CT-RATE (``data_root`` given) nothing says which class needs 3D context, so there are no groups.
+    On the synthetic snapshot the groups come from ``ctlib.synthetic.class_groups()`` (each class's
+    ``needs_3d`` flag); where that function does not exist (yet), per-group rows are skipped.
+    """
+    if data_root is not None:
+        print("CT-RATE data: no 2D/3D class groups (they exist for the synthetic data only); overall rows only")
+        return None
+    import ctlib.synthetic as synthetic
+
+    class_groups = getattr(synthetic, "class_groups", None)
+    if class_groups is None:
+        print("ctlib.synthetic has no class_groups(): per-group (2D/3D) rows are skipped")
+        return None
+    return {str(k): list(v) for k, v in class_groups().items()}
 
 
 def patients_of(names: Sequence[str]) -> np.ndarray:

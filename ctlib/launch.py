@@ -7,28 +7,45 @@ The notebooks never spawn workers themselves (STYLE.md): a cell builds the comma
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ctlib.profiles import Profile, get_profile
 
-# The runs of the paper: Table 2 (ResNet, ViT, ResNet+ViT with equal weights) and Table 3 (alpha).
-ALPHAS: tuple[float | str, ...] = (0.0, 0.1, 0.3, 0.5, 1.0, "learned")
+#: The paper's future-work variant as a Table 3 row: alpha learned, and the 2D weight beta learned too
+#: (``fused = beta * x_2d + alpha * residual_3d``, profile field ``learn_2d_weight``).
+LEARNED_2D = "learned-2d"
+
+# The runs of the paper: Table 2 (ResNet, ViT, ResNet+ViT with equal weights) and Table 3 (alpha),
+# plus the future-work variant.
+ALPHAS: tuple[float | str, ...] = (0.0, 0.1, 0.3, 0.5, 1.0, "learned", LEARNED_2D)
 
 
 def run_name(model: str, alpha: float | str | None = None) -> str:
-    """Folder name of a run: ``resnet2d``, ``vit3d``, ``fusion-alpha0.5``, ``fusion-learned``."""
+    """Folder name of a run: ``resnet2d``, ``vit3d``, ``fusion-alpha0.5``, ``fusion-learned``,
+    ``fusion-learned-2d``."""
     if model != "fusion":
         return model
-    if alpha == "learned":
-        return "fusion-learned"
+    if alpha in ("learned", LEARNED_2D):
+        return f"fusion-{alpha}"
     return f"fusion-alpha{float(1.0 if alpha is None else alpha):g}"
+
+
+def fusion_settings(alpha: float | str | None) -> tuple[float | str, dict[str, Any]]:
+    """A Table 3 row -> (the model's ``alpha``, profile overrides): :data:`LEARNED_2D` is alpha
+    ``"learned"`` with ``learn_2d_weight=true``; every other row is itself with no override."""
+    if alpha == LEARNED_2D:
+        return "learned", {"learn_2d_weight": True}
+    return (1.0 if alpha is None else alpha), {}
 
 
 def default_processes() -> int:
@@ -57,7 +74,9 @@ def torchrun_command(
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ctlib.train", "--profile", profile, "--model", model, "--out", str(out)]
     if model == "fusion":
-        cmd += ["--alpha", str(1.0 if alpha is None else alpha)]
+        model_alpha, extra = fusion_settings(alpha)
+        cmd += ["--alpha", str(model_alpha)]
+        overrides = [*(f"{k}={json.dumps(v)}" for k, v in extra.items()), *overrides]
     if data_root is not None:
         cmd += ["--data-root", str(data_root)]
     if work_dir is not None:
@@ -138,7 +157,9 @@ def train_run(outputs: PaperOutputs, model: str, alpha: float | str | None = Non
     run_dir = outputs.run_dir(model, alpha)
     # The workers then find a ready cache (generation and preparation happen once, here).
     prepare_data(prof, model)
-    spec = RunSpec(prof, model, 1.0 if alpha is None else alpha)
+    model_alpha, extra = fusion_settings(alpha) if model == "fusion" else (1.0, {})
+    # the profile the torchrun workers build from the same overrides
+    spec = RunSpec(dataclasses.replace(prof, **extra), model, model_alpha)
     if run_is_complete(run_dir, spec) and not redo:
         print(f"{run_dir} is complete: reused (redo=True trains again)")
         return run_dir

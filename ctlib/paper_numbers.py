@@ -180,16 +180,20 @@ def results_table2(runs: dict[str, dict]) -> pd.DataFrame:
             ``metrics.json`` dict (with ``val_tuned``).
 
     Returns:
-        DataFrame indexed by (model, threshold) with columns 2D, 3D (the paper's ticks), auroc, accuracy,
-        precision, recall, f1; threshold is ``0.5`` or ``tuned on val``.
+        DataFrame indexed by (model, threshold) with columns 2D, 3D (the paper's ticks), auroc,
+        auroc_low, auroc_high (the run's 95% bootstrap interval over test patients, ``auroc_ci``; AUROC
+        does not depend on the threshold, so both rules of a model share it), accuracy, precision,
+        recall, f1; threshold is ``0.5`` or ``tuned on val``.
     """
     flags = paper_table2()[["2D", "3D"]]
     rows = []
     for name, m in runs.items():
         if name not in flags.index:
             raise ValueError(f"unknown model {name!r}; Table 2 has {list(flags.index)}")
+        ci = [float("nan") if v is None else float(v) for v in (m.get("auroc_ci") or [None, None])]
         for rule, d in (("0.5", m), ("tuned on val", m.get("val_tuned") or {})):
-            rows.append((name, rule, bool(flags.loc[name, "2D"]), bool(flags.loc[name, "3D"]),
-                         *(float(d.get(k, float("nan"))) for k in (*_METRICS, "f1"))))
-    frame = pd.DataFrame(rows, columns=["model", "threshold", "2D", "3D", *_METRICS, "f1"])
+            auroc, *rest = (float(d.get(k, float("nan"))) for k in (*_METRICS, "f1"))
+            rows.append((name, rule, bool(flags.loc[name, "2D"]), bool(flags.loc[name, "3D"]), auroc, *ci, *rest))
+    frame = pd.DataFrame(rows, columns=["model", "threshold", "2D", "3D", "auroc", "auroc_low", "auroc_high",
+                                        *_METRICS[1:], "f1"])
     return frame.set_index(["model", "threshold"])

@@ -54,6 +54,7 @@ class Profile:
     vit_mlp_dim: int = 2048
     vit_dropout: float = 0.0
     alpha_init: float = 0.5  # start value of a learned alpha
+    learn_2d_weight: bool = False  # fusion: learn beta, the 2D weight, too (the paper's future work)
     gradient_checkpointing: bool = False
     # --- training (section 4.5) -------------------------------------------------------------
     epochs: int = 10

@@ -1,18 +1,30 @@
-"""Tables: Markdown and CSV writing, one run's summary, and (below) the paired-comparison tables.
+"""Tables: Markdown and CSV writing, one run's summary, per-group AUROC and paired comparisons.
 
 Tables are written as CSV (full precision) and Markdown by :func:`save_table` (:func:`to_markdown`
-needs no ``tabulate``).
+needs no ``tabulate``). Every interval is a pair of columns beside its value (``auroc_low``,
+``auroc_high``; ``diff_low``, ``diff_high``), never prose; the CT-CLIP protocol's support-weighted F1
+has a column of its own (``f1_weighted (CT-CLIP)``), apart from the macro F1 of the other rows.
+
+- :func:`run_summary`: one run's ``metrics.json`` by threshold rule (notebooks 02-04).
+- :func:`group_table`: macro AUROC with bootstrap intervals per run and class group (``"all"``, and
+  e.g. ``"2D"``/``"3D"``), from the runs' ``predictions.csv``.
+- :func:`paired_table`: paired bootstrap differences (fusion - ResNet; alpha - alpha 0) per comparison
+  and class group, the same test patients resampled for both runs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from ctlib.comparison import compare_predictions, group_auroc, patients_of
+from ctlib.metrics import read_predictions
 
 
 def _md_cell(value: Any, floatfmt: str) -> str:
@@ -61,33 +73,105 @@ def to_markdown(
     return text
 
 
+#: The column of the CT-CLIP protocol's support-weighted F1 (not a macro F1: it must not share a column).
+F1_WEIGHTED_CTCLIP = "f1_weighted (CT-CLIP)"
+
+
 def run_summary(metrics: Mapping[str, Any]) -> pd.DataFrame:
     """One run's test metrics (``metrics.json``) as a table: one row per threshold rule.
 
     Rows: ``threshold 0.5``, ``thresholds tuned on validation``, ``CT-CLIP protocol (fitted on test)``
-    (optimistic, for comparison with published CT-RATE numbers only; its F1 is support-weighted and
-    it reports no recall). Columns: auroc, auroc_low, auroc_high (95% bootstrap interval), accuracy,
-    precision, recall, f1. Missing entries are NaN.
+    (optimistic, for comparison with published CT-RATE numbers only; it reports no recall).
+    Columns: auroc, auroc_low, auroc_high (95% bootstrap interval over test patients), accuracy,
+    precision, recall, f1 (macro), and ``f1_weighted (CT-CLIP)`` (the protocol's support-weighted F1,
+    only in its row; its ``f1`` is NaN). Missing entries are NaN.
     """
-    keys = ("auroc", "accuracy", "precision", "recall", "f1")
+    keys = ("auroc", "accuracy", "precision", "recall", "f1", F1_WEIGHTED_CTCLIP)
     ci = metrics.get("auroc_ci") or [np.nan, np.nan]
 
-    def row(d: Mapping[str, Any] | None, f1_key: str = "f1") -> list[float]:
+    def row(d: Mapping[str, Any] | None) -> list[float]:
         d = d or {}
-        vals = {k: d.get(k, np.nan) for k in keys}
-        vals["f1"] = d.get(f1_key, np.nan)
-        return [float(np.nan if vals[k] is None else vals[k]) for k in keys]
+        return [float(np.nan if d.get(k) is None else d[k]) for k in keys]
 
+    ctclip = dict(metrics.get("ctclip") or {})
+    ctclip.pop("f1", None)
+    ctclip[F1_WEIGHTED_CTCLIP] = ctclip.get("f1_weighted")
     rows = {
         "threshold 0.5": row(metrics),
         "thresholds tuned on validation": row(metrics.get("val_tuned")),
-        "CT-CLIP protocol (fitted on test)": row(metrics.get("ctclip"), "f1_weighted"),
+        "CT-CLIP protocol (fitted on test)": row(ctclip),
     }
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(keys))
     frame.insert(1, "auroc_low", float(ci[0]) if ci[0] is not None else np.nan)
     frame.insert(2, "auroc_high", float(ci[1]) if ci[1] is not None else np.nan)
     frame.index.name = "rule"
     return frame
+
+
+RunSource = str | os.PathLike[str] | pd.DataFrame
+
+
+def _predictions(run: RunSource) -> RunSource:
+    """A run folder -> its ``predictions.csv``; a CSV path or a frame as it is."""
+    if isinstance(run, pd.DataFrame):
+        return run
+    path = Path(run)
+    return path / "predictions.csv" if path.is_dir() else path
+
+
+def group_table(
+    runs: Mapping[str, RunSource],
+    groups: Mapping[str, Sequence[str]] | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Macro AUROC with 95% bootstrap intervals (test patients resampled) per run and class group.
+
+    Args:
+        runs: row label -> run folder, ``predictions.csv`` path or its frame.
+        groups: class group name -> class names (e.g. ``ctlib.synthetic.class_groups()``); None: only
+            the ``"all"`` rows.
+        n_boot: resamples; seed: their seed (the same resamples for every run of one test set).
+
+    Returns:
+        DataFrame indexed by (``run``, ``group``) with columns auroc, auroc_low, auroc_high, n_classes,
+        n_pos, n_resamples (see :func:`ctlib.comparison.group_auroc`).
+    """
+    frames = {}
+    for label, run in runs.items():
+        names, y, p = read_predictions(_predictions(run))
+        frames[label] = group_auroc(y, p, groups, patients_of(names), n_boot=n_boot, seed=seed)
+    return pd.concat(frames, names=["run"])
+
+
+def paired_table(
+    pairs: Mapping[str, tuple[RunSource, RunSource]],
+    groups: Mapping[str, Sequence[str]] | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Paired bootstrap differences of macro AUROC, one block of rows per comparison.
+
+    Args:
+        pairs: comparison label (e.g. ``"ResNet+ViT - ResNet"``) -> (run A, run B), each a run folder,
+            ``predictions.csv`` path or frame; both must hold the same test volumes in the same order
+            with the same labels (ValueError naming both otherwise).
+        groups: class group name -> class names; None: only the ``"all"`` rows.
+        n_boot: resamples of test patients, the same for A and B; seed: their seed.
+
+    Returns:
+        DataFrame indexed by (``comparison``, ``group``) with columns auroc_a, auroc_b, diff (A - B),
+        diff_low, diff_high (95% percentile interval), p_boot (fraction of resamples with diff <= 0),
+        n_classes, n_resamples (see :func:`ctlib.comparison.paired_bootstrap_auroc`).
+    """
+    frames = {}
+    for label, (run_a, run_b) in pairs.items():
+        what = tuple(s.strip() for s in label.split(" - ", 1)) if " - " in label else ("A", "B")
+        frames[label] = compare_predictions(_predictions(run_a), _predictions(run_b), groups, n_boot=n_boot,
+                                            seed=seed, what=what)
+    return pd.concat(frames, names=["comparison"])
 
 
 def save_table(df: pd.DataFrame, stem: str | Path, *, floatfmt: str = ".3f", index: bool = True) -> tuple[Path, Path]:

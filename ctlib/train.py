@@ -164,7 +164,7 @@ def build_model(profile: Profile, model: str, alpha: float | str = 1.0, *, pretr
     if model == "resnet2d":
         return resnet
     return Fusion(resnet=resnet, vit=ViT3D(**vit_kwargs(profile, model)), alpha=alpha,
-                  alpha_init=profile.alpha_init)
+                  alpha_init=profile.alpha_init, learn_2d_weight=profile.learn_2d_weight)
 
 
 def weights_used(model: nn.Module) -> str:

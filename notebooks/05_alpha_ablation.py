@@ -21,7 +21,8 @@
 # Reproduces **Table 3** of section 5. The fusion becomes `x_2d + alpha * residual_3d`: `alpha = 0` is
 # the ResNet alone, `alpha = 1` the equal weights of Table 2 (notebook 04's run, reused here), and a
 # **learned** alpha lets training decide how much the 3D branch contributes (it starts at the profile's
-# `alpha_init`).
+# `alpha_init`). One more row is the paper's future-work variant, `learned-2d`: alpha learned and the
+# weight of the 2D features learned too (`beta * x_2d + alpha * residual_3d`, beta starting at 1).
 #
 # The paper found every metric rising with alpha (AUROC 0.83 -> 0.88 at alpha 0.5, recall 0.34 -> 0.54)
 # and the learned alpha matching alpha = 0.5 and 1 (AUROC 0.87, recall 0.55).
@@ -44,8 +45,9 @@ import json
 import pandas as pd
 from IPython.display import display
 
-from ctlib import figures
-from ctlib.launch import ALPHAS, paper_outputs, train_run
+from ctlib import figures, tables
+from ctlib.comparison import class_groups_for
+from ctlib.launch import ALPHAS, LEARNED_2D, paper_outputs, train_run
 from ctlib.metrics import metrics_table
 from ctlib.paper_numbers import compare_metrics, paper_table3
 
@@ -53,7 +55,7 @@ out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=ru
                     figures_dir=figures_dir, results_dir=results_dir, seed=seed)
 prof, fig_dir, res_dir = out.profile, out.figures, out.results
 
-alpha_label = {a: "learned" if a == "learned" else f"{float(a):.1f}" for a in ALPHAS}
+alpha_label = {a: a if isinstance(a, str) else f"{float(a):.1f}" for a in ALPHAS}
 print(f"profile {prof.name}: alphas {list(alpha_label.values())} -> {out.runs}")
 
 # %% [markdown]
@@ -114,8 +116,55 @@ best = metrics["learned"]["best_epoch"]
 print(f"alpha: {prof.alpha_init:g} at the start -> {history['alpha'].iloc[-1]:.3f} after {len(history)} "
       f"epochs; the evaluated model (best epoch {best}) has alpha {metrics['learned']['alpha_final']:.3f}")
 figures.plot_alpha_trajectory(history, initial=prof.alpha_init,
-                              fixed=[float(a) for a in ALPHAS if a != "learned"],
+                              fixed=[float(a) for a in ALPHAS if not isinstance(a, str)],
                               path=fig_dir / "learned_alpha.png")
+
+# %% [markdown]
+# ## The future-work variant: both weights learned
+#
+# With beta learned too, the fusion can also shrink or grow the 2D features. Both weights after each
+# epoch (epoch 0: their start values):
+
+# %%
+history_2d = pd.read_csv(out.run_dir("fusion", LEARNED_2D) / "history.csv")
+m2d = metrics[LEARNED_2D]
+print(f"{LEARNED_2D}: alpha {prof.alpha_init:g} -> {history_2d['alpha'].iloc[-1]:.3f}, beta 1 -> "
+      f"{history_2d['beta'].iloc[-1]:.3f} after {len(history_2d)} epochs; the evaluated model (best epoch "
+      f"{m2d['best_epoch']}) has alpha {m2d['alpha_final']:.3f}, beta {m2d['beta_final']:.3f}")
+display(history_2d[["epoch", "alpha", "beta", "val_loss", "val_auroc"]].round(4))
+figures.plot_alpha_trajectory({"learned": history, LEARNED_2D: history_2d}, initial=prof.alpha_init,
+                              fixed=[float(a) for a in ALPHAS if not isinstance(a, str)],
+                              path=fig_dir / "learned_alpha_2d.png")
+figures.plot_alpha_trajectory({LEARNED_2D: history_2d}, initial=1.0, weight="beta",
+                              path=fig_dir / "learned_beta_2d.png")
+
+# %% [markdown]
+# ## Does any alpha beat alpha 0? Paired differences
+#
+# Each run against alpha = 0 (the ResNet alone inside the fusion) on the same test volumes: macro AUROC
+# of the run minus that of alpha 0, with a 95% interval from resampling test patients (the same
+# resamples for both runs), and `p_boot`, the fraction of resamples in which the difference is <= 0.
+# An interval that excludes 0 is a difference this test set can see; overlapping separate intervals are
+# not a test. On the synthetic data the rows are also split by class group: the classes a single slice
+# shows (2D) and those that need 3D context (3D), where the 3D residual should help if it helps at all.
+
+# %%
+groups = class_groups_for(prof.data_root)
+base = out.run_dir("fusion", 0.0)
+table3_paired = tables.paired_table(
+    {f"alpha {alpha_label[a]} - alpha 0.0": (out.run_dir("fusion", a), base) for a in ALPHAS if a != 0.0},
+    groups, n_boot=prof.bootstrap, seed=prof.seed)
+figures.save_table(table3_paired, res_dir / "table3_paired")
+table3_paired.round(3)
+
+# %% [markdown]
+# Table 3's macro AUROC per class group, with 95% bootstrap intervals:
+
+# %%
+table3_groups = tables.group_table({alpha_label[a]: out.run_dir("fusion", a) for a in ALPHAS}, groups,
+                                   n_boot=prof.bootstrap, seed=prof.seed)
+figures.save_table(table3_groups, res_dir / "table3_groups")
+table3_groups.round(3)
 
 # %% [markdown]
 # ## Learning curves of all alpha runs

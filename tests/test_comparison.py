@@ -136,3 +136,37 @@ def test_compare_predictions_checks_the_volumes(data):
         K.compare_predictions(_frame(names, y, pa), _frame(names, y2, pb))
     with pytest.raises(ValueError, match="has 120 volumes and B .* 119"):
         K.compare_predictions(_frame(names, y, pa), _frame(names[:-1], y[:-1], pb[:-1]))
+
+
+def test_group_and_paired_tables_from_run_folders(data, tmp_path):
+    from ctlib.tables import group_table, paired_table
+
+    y, pa, pb, _ = data
+    names = [f"valid_{i // 2}_a_{i % 2 + 1}.nii.gz" for i in range(len(y))]
+    for run, p in (("fusion", pa), ("resnet", pb)):
+        (tmp_path / run).mkdir()
+        _frame(names, y, p).to_csv(tmp_path / run / "predictions.csv", index=False)
+    g = group_table({"ResNet+ViT": tmp_path / "fusion", "ResNet": tmp_path / "resnet"}, GROUPS, n_boot=50)
+    assert g.index.tolist() == [(r, k) for r in ("ResNet+ViT", "ResNet") for k in ("all", "2D", "3D")]
+    assert list(g.columns[:3]) == ["auroc", "auroc_low", "auroc_high"]
+    assert g.loc[("ResNet", "all"), "auroc"] == pytest.approx(M.score(y, pb)["auroc"], abs=1e-12)
+    t = paired_table({"ResNet+ViT - ResNet": (tmp_path / "fusion", tmp_path / "resnet")}, None, n_boot=50)
+    assert t.index.tolist() == [("ResNet+ViT - ResNet", "all")]
+    assert list(t.columns) == ["auroc_a", "auroc_b", "diff", "diff_low", "diff_high", "p_boot", "n_classes",
+                               "n_resamples"]
+    assert t["diff"].iloc[0] == pytest.approx(g.loc[("ResNet+ViT", "all"), "auroc"] - g.loc[("ResNet", "all"), "auroc"])
+    _frame(names[::-1], y[::-1], pb[::-1]).to_csv(tmp_path / "resnet" / "predictions.csv", index=False)
+    with pytest.raises(ValueError, match="ResNet\\+ViT .*fusion.* and ResNet .*resnet.* differ in VolumeName at row 0"):
+        paired_table({"ResNet+ViT - ResNet": (tmp_path / "fusion", tmp_path / "resnet")}, n_boot=5)
+
+
+def test_class_groups_for(monkeypatch, capsys):
+    import ctlib.synthetic as synthetic
+
+    assert K.class_groups_for("/some/ct-rate") is None
+    assert "CT-RATE" in capsys.readouterr().out
+    monkeypatch.delattr(synthetic, "class_groups", raising=False)
+    assert K.class_groups_for(None) is None
+    assert "no class_groups()" in capsys.readouterr().out
+    monkeypatch.setattr(synthetic, "class_groups", lambda: {"2D": CLASSES[:3], "3D": CLASSES[3:]}, raising=False)
+    assert K.class_groups_for(None) == {"2D": list(CLASSES[:3]), "3D": list(CLASSES[3:])}

@@ -269,6 +269,12 @@ def test_learning_curves_and_alpha(tmp_path):
     assert _is_png(tmp_path / "a.png")
     with pytest.raises(ValueError, match="alpha"):
         F.plot_alpha_trajectory(_history(alpha=False))
+    h = _history().assign(beta=[1.1, 1.2, 1.3, 1.4])
+    fig = F.plot_alpha_trajectory({"learned-2d": h}, initial=1.0, weight="beta")
+    np.testing.assert_allclose(fig.axes[0].lines[-1].get_ydata(), [1.0, 1.1, 1.2, 1.3, 1.4])
+    assert "β" in fig.axes[0].get_ylabel()
+    with pytest.raises(ValueError, match="beta"):
+        F.plot_alpha_trajectory(_history(), weight="beta")
 
 
 def test_cooccurrence_counts(tmp_path):
@@ -340,9 +346,13 @@ _METRICS_JSON = {
 def test_run_summary_rows():
     t = F.run_summary(_METRICS_JSON)
     assert list(t.index) == ["threshold 0.5", "thresholds tuned on validation", "CT-CLIP protocol (fitted on test)"]
-    assert list(t.columns) == ["auroc", "auroc_low", "auroc_high", "accuracy", "precision", "recall", "f1"]
+    assert list(t.columns) == ["auroc", "auroc_low", "auroc_high", "accuracy", "precision", "recall", "f1",
+                               "f1_weighted (CT-CLIP)"]
     assert t.loc["threshold 0.5", "recall"] == 0.3 and t.loc["thresholds tuned on validation", "recall"] == 0.6
-    assert t.loc["CT-CLIP protocol (fitted on test)", "f1"] == 0.77
+    # the protocol's support-weighted F1 has its own column; the macro-F1 column stays empty in its row
+    assert t.loc["CT-CLIP protocol (fitted on test)", "f1_weighted (CT-CLIP)"] == 0.77
+    assert np.isnan(t.loc["CT-CLIP protocol (fitted on test)", "f1"])
+    assert t.loc["threshold 0.5", "f1"] == 0.375 and np.isnan(t.loc["threshold 0.5", "f1_weighted (CT-CLIP)"])
     assert np.isnan(t.loc["CT-CLIP protocol (fitted on test)", "recall"])
     assert (t["auroc_low"] == 0.6).all() and (t["auroc_high"] == 0.8).all()
 
@@ -360,6 +370,10 @@ def test_tables_beside_the_paper():
                                  ("ResNet+ViT", "tuned on val")]
     assert t2.loc[("ResNet", "0.5"), "2D"] and not t2.loc[("ResNet", "0.5"), "3D"]
     assert t2.loc[("ResNet+ViT", "tuned on val"), "recall"] == 0.6
+    assert list(t2.columns) == ["2D", "3D", "auroc", "auroc_low", "auroc_high", "accuracy", "precision", "recall",
+                                "f1"]
+    assert (t2["auroc_low"] == 0.6).all() and (t2["auroc_high"] == 0.8).all()
+    assert np.isnan(results_table2({"ResNet": {**_METRICS_JSON, "auroc_ci": None}})["auroc_low"]).all()
     with pytest.raises(ValueError, match="unknown model"):
         results_table2({"CNN": _METRICS_JSON})
     cmp = compare_metrics(t2.xs("0.5", level="threshold"), paper_table2())

@@ -136,21 +136,30 @@ def plot_learning_curves(
     return _finish(fig, path)
 
 
+_WEIGHT_LABELS = {"alpha": ("α", "weight of the 3D residual"), "beta": ("β", "weight of the 2D features")}
+
+
 def plot_alpha_trajectory(
     history: pd.DataFrame | Mapping[str, pd.DataFrame],
     *,
     initial: float | None = None,
     fixed: Sequence[float] = (),
+    weight: str = "alpha",
     path: str | Path | None = None,
 ) -> Figure:
-    """The learned alpha after each epoch (``history.csv``'s ``alpha``), with the fixed alphas for scale.
+    """A learned weight after each epoch (``history.csv``'s ``alpha``, or ``beta`` of the learned-2D
+    variant), with the fixed alphas for scale.
 
     Args:
         history: a history frame, or run name -> frame.
-        initial: alpha before training (the profile's ``alpha_init``), drawn at epoch 0.
+        initial: the weight before training (``alpha_init``; 1 for beta), drawn at epoch 0.
         fixed: alpha values of the fixed-alpha runs, drawn as faint horizontal lines.
+        weight: ``"alpha"`` (of the 3D residual) or ``"beta"`` (of the 2D features).
     """
-    runs = {"learned alpha": history} if isinstance(history, pd.DataFrame) else dict(history)
+    if weight not in _WEIGHT_LABELS:
+        raise ValueError(f"weight must be one of {sorted(_WEIGHT_LABELS)}, got {weight!r}")
+    symbol, meaning = _WEIGHT_LABELS[weight]
+    runs = {f"learned {weight}": history} if isinstance(history, pd.DataFrame) else dict(history)
     fig = _new_figure(5.5, 3.4)
     ax = fig.subplots()
     for a in fixed:
@@ -158,17 +167,17 @@ def plot_alpha_trajectory(
         ax.text(1.0, float(a), f" α={float(a):g}", transform=ax.get_yaxis_transform(), va="center",
                 fontsize=7, color="0.5")
     for j, (name, h) in enumerate(runs.items()):
-        if "alpha" not in h.columns or "epoch" not in h.columns:
-            raise ValueError(f"history of {name!r} needs columns epoch and alpha")
+        if weight not in h.columns or "epoch" not in h.columns:
+            raise ValueError(f"history of {name!r} needs columns epoch and {weight}")
         ep = h["epoch"].to_numpy(dtype=float)
-        al = h["alpha"].to_numpy(dtype=float)
+        al = h[weight].to_numpy(dtype=float)
         if initial is not None:
             ep, al = np.r_[0.0, ep], np.r_[float(initial), al]
         ax.plot(ep, al, marker="o", ms=4, color=_color(j), label=name)
     ax.set_xlabel("epoch (0 = initial value)" if initial is not None else "epoch")
-    ax.set_ylabel("α (weight of the 3D residual)")
+    ax.set_ylabel(f"{symbol} ({meaning})")
     ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-    ax.set_title("Learned α during training")
+    ax.set_title(f"Learned {symbol} during training")
     ax.grid(color="0.93")
     if len(runs) > 1:
         ax.legend(frameon=False)

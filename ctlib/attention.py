@@ -1,20 +1,33 @@
-"""Where the models look (Figure 5): ViT attention rollout and ResNet Grad-CAM, per slice.
+"""Where the models look (Figure 5): ViT attention rollout, gradient-weighted ViT relevance and ResNet
+Grad-CAM, per slice.
 
-- :func:`vit_attention`: the 3D ViT's spatial attention, rolled out over the spatial layers (heads
-  averaged, the residual connection as an identity term: ``0.5 * A + 0.5 * I``, rows renormalised, then
-  multiplied through the layers). The ViT pools all tokens (no class token), so a patch's saliency is
-  the attention it *receives*: the mean over query patches of its rollout column. Optionally weighted by
-  the slice-wise attention each slice receives at that patch position (rolled out the same way over
-  the slice-wise layers). Upsampled bilinearly from the patch grid to pixels.
+The ViT factorises attention (``ctlib.models.ViT3D``): a spatial stage mixes the N patches of each slice
+(``R_spatial[s]``, (N, N), query rows), then a slice-wise stage mixes the S slices at each patch position
+(``R_slice[n]``, (S, S)), and the feature vector is the mean over all S*N tokens (no class token). The
+attention that flows from input token (slice s, patch n) to the pooled output is therefore
+
+    A[s, n] = 1/(S*N) * sum_{q, n'} R_slice[n'][q, s] * R_spatial[s][n', n]
+
+(:func:`compose_rollout`; it sums to 1 for row-stochastic rollouts). The product of the two marginals,
+``mean_q R_slice[n][q, s] * mean_n' R_spatial[s][n', n]`` (:func:`marginal_rollout`, used before), takes
+the slice attention at the *input* patch's position instead of at the position the spatial stage routed
+that patch to, and differs where attention is sharp.
+
+- :func:`vit_attention`: class-agnostic attention rollout (heads averaged, the skip connection as
+  ``0.5 * A + 0.5 * I``, rows renormalised, layers multiplied), composed exactly over both stages.
+- :func:`vit_relevance`: class-specific gradient-weighted attention (Chefer et al., CVPR 2021 /
+  ICCV 2021: per layer ``A_bar = mean_heads((dA ⊙ A)^+)`` with ``dA`` the gradient of the class logit,
+  ``R <- R + A_bar R`` from ``R = I``), composed over both stages the same way.
 - :func:`gradcam_resnet`: Grad-CAM on ResNet-18's last convolutional block (``layer4``, or ``layer3``
-  for finer maps on small slices) for the
-  volume-level logit of one class. For a :class:`ctlib.models.Fusion` the hook sits in its ResNet
-  branch and the gradient is that of the *fusion* logit, so the map shows what the 2D branch
-  contributes to the fused decision.
+  for finer maps on small slices) for the volume-level logit of one class. For a
+  :class:`ctlib.models.Fusion` the hook sits in its ResNet branch and the gradient is that of the
+  *fusion* logit, so the map shows what the 2D branch contributes to the fused decision.
+- :func:`as_distribution`: the one normalisation for comparing or scoring maps of both models:
+  non-negative, summing to 1 over the volume's (S, H, W) voxels (after upsampling to the input grid).
 
-Both return ``(S, H, W)`` numpy arrays in [0, 1] (normalised over the whole volume, so slices are
-comparable), leave the model as they found it (training mode, parameter gradients) and run under
-no_grad / autograd.grad respectively.
+All maps are ``(S, H, W)`` numpy arrays on the model-input grid. ``normalize="minmax"`` / ``"max"``
+give [0, 1] for display, ``"sum"`` gives :func:`as_distribution`. The functions leave the model as they
+found it (training mode, parameter gradients).
 """
 
 from __future__ import annotations
@@ -26,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["concentration", "find_block", "gradcam_resnet", "received_attention", "rollout", "salient_slices",
-           "vit_attention"]
+__all__ = ["as_distribution", "compose_rollout", "concentration", "find_block", "gradcam_resnet",
+           "gradient_rollout", "marginal_rollout", "received_attention", "rollout", "salient_slices",
+           "vit_attention", "vit_relevance", "vit_relevance_tokens"]
 
 
 def rollout(attention: Tensor, *, residual: bool = True) -> Tensor:
@@ -58,6 +72,68 @@ def received_attention(attention: Tensor, *, residual: bool = True) -> Tensor:
     return rollout(attention, residual=residual).mean(dim=-2)
 
 
+def compose_rollout(spatial: Tensor, across: Tensor) -> Tensor:
+    """The exact two-stage rollout received by each input token: (S, N, N), (N, S, S) -> (S, N).
+
+    ``A[s, n] = 1/(S*N) * sum_{q, n'} across[n'][q, s] * spatial[s][n', n]``: the mean over all pooled
+    output tokens (slice q, position n') of the flow slice s -> q at position n' times the flow patch
+    n -> n' within slice s. ``spatial[s]`` and ``across[n]`` have query rows and key columns.
+    """
+    if spatial.ndim != 3 or across.ndim != 3:
+        raise ValueError(f"spatial must be (S, N, N) and across (N, S, S), got {tuple(spatial.shape)} and "
+                         f"{tuple(across.shape)}")
+    s, n = spatial.shape[0], spatial.shape[-1]
+    if spatial.shape != (s, n, n) or across.shape != (n, s, s):
+        raise ValueError(f"spatial (S, N, N) and across (N, S, S) disagree: {tuple(spatial.shape)} and "
+                         f"{tuple(across.shape)}")
+    return torch.einsum("pqs,spn->sn", across.float(), spatial.float()) / (s * n)
+
+
+def marginal_rollout(spatial: Tensor, across: Tensor) -> Tensor:
+    """The former approximation, for comparison: (S, N, N), (N, S, S) -> (S, N), summing to 1.
+
+    ``mean_n' spatial[s][n', n] * mean_q across[n][q, s]``: the slice attention is taken at the input
+    patch's own position n rather than at the positions n' the spatial stage sends it to.
+    """
+    out = spatial.float().mean(dim=-2) * across.float().mean(dim=-2).T
+    return out / out.sum().clamp_min(1e-30)
+
+
+def gradient_rollout(attention: Tensor, grads: Tensor) -> Tensor:
+    """Gradient-weighted rollout (Chefer et al. 2021): (..., L, heads, N, N) twice -> (..., N, N).
+
+    Per layer ``A_bar = mean over heads of (grads * attention) clamped at 0``; then ``R = I`` and
+    ``R <- R + A_bar @ R`` layer by layer, first layer first. ``grads`` is the gradient of the explained
+    logit with respect to ``attention``.
+    """
+    if attention.shape != grads.shape or attention.ndim < 4 or attention.shape[-1] != attention.shape[-2]:
+        raise ValueError(f"attention and grads must both be (..., L, heads, N, N), got {tuple(attention.shape)} "
+                         f"and {tuple(grads.shape)}")
+    a = (grads.float() * attention.float()).clamp_min(0).mean(dim=-3)  # (..., L, N, N)
+    n = a.shape[-1]
+    r = torch.eye(n, dtype=a.dtype, device=a.device).expand(*a.shape[:-3], n, n)
+    for layer in range(a.shape[-3]):
+        r = r + a[..., layer, :, :] @ r
+    return r
+
+
+def as_distribution(saliency: Tensor | np.ndarray) -> np.ndarray:
+    """The one normalisation for scoring maps of any model: (S, H, W) -> float64 (S, H, W), >= 0, sum 1.
+
+    Negative values are clipped to 0. A map with no positive value (no evidence anywhere) becomes the
+    uniform map, which localises nothing: it scores the random baseline.
+    """
+    if isinstance(saliency, Tensor):
+        saliency = saliency.detach().cpu().numpy()
+    sal = np.clip(np.asarray(saliency, dtype=np.float64), 0.0, None)
+    if sal.ndim != 3:
+        raise ValueError(f"saliency must be (S, H, W), got {sal.shape}")
+    if not np.isfinite(sal).all():
+        raise ValueError("saliency has non-finite values")
+    total = sal.sum()
+    return sal / total if total > 0 else np.full(sal.shape, 1.0 / sal.size)
+
+
 def _normalise(x: Tensor, mode: str) -> Tensor:
     if mode == "minmax":
         lo, hi = x.min(), x.max()
@@ -65,7 +141,20 @@ def _normalise(x: Tensor, mode: str) -> Tensor:
     if mode == "max":
         hi = x.max()
         return x / hi if hi > 0 else torch.zeros_like(x)
-    raise ValueError(f"normalize must be 'minmax' or 'max', got {mode!r}")
+    if mode == "sum":
+        return torch.from_numpy(as_distribution(x))
+    raise ValueError(f"normalize must be 'minmax', 'max' or 'sum', got {mode!r}")
+
+
+def _to_voxels(tokens: Tensor, h: int, w: int) -> Tensor:
+    """(S, N) patch values -> (S, H, W), bilinear from the square-ish patch grid to the slice grid."""
+    s, n = tokens.shape
+    patch = (h * w / n) ** 0.5
+    gh, gw = round(h / patch), round(w / patch)
+    if gh * gw != n:
+        raise ValueError(f"cannot lay {n} patches on a {h}x{w} slice")
+    grid = tokens.float().reshape(s, 1, gh, gw)
+    return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
 
 
 def _as_volume(volume: Tensor | np.ndarray, device: torch.device) -> Tensor:
@@ -80,6 +169,13 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _vit_of(model: nn.Module) -> nn.Module:
+    vit = getattr(model, "vit", model)
+    if not hasattr(vit, "attention_maps"):
+        raise ValueError(f"{type(model).__name__} has no attention_maps (nor a .vit branch with one)")
+    return vit
+
+
 def vit_attention(
     model: nn.Module,
     volume: Tensor | np.ndarray,
@@ -88,21 +184,19 @@ def vit_attention(
     residual: bool = True,
     normalize: str = "minmax",
 ) -> np.ndarray:
-    """Per-slice spatial saliency of the 3D ViT: (S, H, W) -> (S, H, W) float32 in [0, 1].
+    """Attention rollout of the 3D ViT, class-agnostic: (S, H, W) -> (S, H, W) float32.
 
     Args:
         model: a :class:`ctlib.models.ViT3D`, or a model with a ``.vit`` branch (``Fusion``); it must
             have ``attention_maps(x) -> {"spatial": (B, S, L, heads, N, N), "slice": (B, N, L', heads,
             S, S)}``.
         volume: one preprocessed volume (S, H, W).
-        slice_weighting: multiply each patch's spatial saliency by the slice-wise attention its slice
-            receives at that position (times S, so uniform slice attention changes nothing).
+        slice_weighting: compose the spatial rollout with the slice-wise one exactly
+            (:func:`compose_rollout`); False: the spatial stage only (every slice weighs the same).
         residual: add the identity for the skip connections in the rollout.
-        normalize: ``"minmax"`` (over the volume) or ``"max"`` (divide by the maximum).
+        normalize: ``"minmax"`` or ``"max"`` (over the volume, [0, 1]) or ``"sum"`` (:func:`as_distribution`).
     """
-    vit = getattr(model, "vit", model)
-    if not hasattr(vit, "attention_maps"):
-        raise ValueError(f"{type(model).__name__} has no attention_maps (nor a .vit branch with one)")
+    vit = _vit_of(model)
     x = _as_volume(volume, _device_of(vit))
     _, s, h, w = x.shape
     was_training = vit.training
@@ -112,20 +206,79 @@ def vit_attention(
             maps = vit.attention_maps(x)
     finally:
         vit.train(was_training)
-    spatial = maps["spatial"][0]  # (S, L, heads, N, N)
-    n = spatial.shape[-1]
-    sal = received_attention(spatial, residual=residual)  # (S, N)
+    spatial = rollout(maps["spatial"][0], residual=residual)  # (S, N, N)
     if slice_weighting and "slice" in maps:
-        across = maps["slice"][0]  # (N, L', heads, S, S)
-        per_slice = received_attention(across, residual=residual)  # (N, S), sums to 1 over S
-        sal = sal * per_slice.T * s
-    patch = (h * w / n) ** 0.5
-    gh, gw = round(h / patch), round(w / patch)
-    if gh * gw != n:
-        raise ValueError(f"cannot lay {n} patches on a {h}x{w} slice")
-    grid = sal.reshape(s, 1, gh, gw)
-    up = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-    return _normalise(up, normalize).cpu().numpy().astype(np.float32)
+        tokens = compose_rollout(spatial, rollout(maps["slice"][0], residual=residual))
+    else:
+        tokens = spatial.mean(dim=-2) / s
+    return _normalise(_to_voxels(tokens, h, w), normalize).cpu().numpy().astype(np.float32)
+
+
+def _attention_with_grads(model: nn.Module, vit: nn.Module, x: Tensor,
+                          class_index: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Runs ``model(x)`` with the ViT keeping its attention probabilities; returns them and the
+    gradients of logit ``class_index`` with respect to them, spatial layers then slice-wise layers."""
+    captured: list[Tensor] = []
+    original = vit._encode
+
+    def encode(t: Tensor, return_attention: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        feats, spatial, across = original(t, return_attention=True)
+        captured[:] = [*spatial, *across]
+        return feats, spatial, across
+
+    was_training = model.training
+    model.eval()
+    vit._encode = encode  # instance attribute: ViT3D.features and Fusion reach it through self._encode
+    try:
+        with torch.enable_grad():
+            x.requires_grad_(True)  # a graph even if every weight is frozen
+            logits = model(x)
+            if isinstance(logits, tuple):
+                logits = logits[0]
+            if not 0 <= class_index < logits.shape[-1]:
+                raise ValueError(f"class_index must lie in [0, {logits.shape[-1]}), got {class_index}")
+            if not captured:
+                raise ValueError(f"{type(model).__name__} did not run its ViT (a fusion with alpha = 0?)")
+            grads = torch.autograd.grad(logits[0, class_index], captured, allow_unused=True)
+    finally:
+        del vit._encode
+        model.train(was_training)
+    grads = [torch.zeros_like(a) if g is None else g.detach() for a, g in zip(captured, grads, strict=True)]
+    return [a.detach() for a in captured], grads
+
+
+def vit_relevance_tokens(model: nn.Module, volume: Tensor | np.ndarray, class_index: int) -> Tensor:
+    """Class-specific relevance of each (slice, patch) token of the ViT: (S, H, W) -> (S, N).
+
+    Gradient-weighted rollout (:func:`gradient_rollout`) of the spatial and the slice-wise stages,
+    composed exactly (:func:`compose_rollout`); the gradient is that of ``model``'s logit
+    ``class_index`` (the fusion logit for a ``Fusion``).
+    """
+    vit = _vit_of(model)
+    x = _as_volume(volume, _device_of(model))
+    s = x.shape[1]
+    attn, grads = _attention_with_grads(model, vit, x, class_index)
+    depth = len(vit.spatial)
+    # b = 1: the spatial layers' batch is the S slices, the slice-wise layers' the N positions
+    spatial = gradient_rollout(torch.stack(attn[:depth], dim=1), torch.stack(grads[:depth], dim=1))
+    across = gradient_rollout(torch.stack(attn[depth:], dim=1), torch.stack(grads[depth:], dim=1))
+    if spatial.shape[0] != s:
+        raise ValueError(f"the spatial layers saw {spatial.shape[0]} slices for a volume of {s}")
+    return compose_rollout(spatial, across)
+
+
+def vit_relevance(
+    model: nn.Module, volume: Tensor | np.ndarray, class_index: int, *, normalize: str = "sum"
+) -> np.ndarray:
+    """Class-specific gradient-weighted attention of the ViT on the input grid: (S, H, W) -> (S, H, W).
+
+    :func:`vit_relevance_tokens` upsampled bilinearly from the patch grid; ``normalize="sum"`` (the
+    default, :func:`as_distribution`) makes it comparable with :func:`gradcam_resnet`'s ``"sum"``.
+    """
+    x = _as_volume(volume, torch.device("cpu"))
+    _, _, h, w = x.shape
+    tokens = vit_relevance_tokens(model, volume, class_index)
+    return _normalise(_to_voxels(tokens, h, w).clamp_min(0), normalize).cpu().numpy().astype(np.float32)
 
 
 def find_block(resnet: nn.Module, name: str = "layer4") -> nn.Module:
@@ -158,10 +311,11 @@ def gradcam_resnet(
         class_index: the logit to explain.
         layer: the hooked block; ``layer4`` (stride 32: 7x7 maps on 224-pixel slices) is Grad-CAM's
             choice, ``layer3`` (stride 16) gives twice the resolution on small slices.
-        normalize: ``"max"`` (default: 0 stays "no evidence") or ``"minmax"``, over the volume.
+        normalize: ``"max"`` (default: 0 stays "no evidence") or ``"minmax"``, over the volume, or
+            ``"sum"`` (:func:`as_distribution`, the normalisation shared with :func:`vit_relevance`).
 
     Returns:
-        (S, H, W) float32 in [0, 1]; all zeros if no location raises the logit.
+        (S, H, W) float32 in [0, 1] (all zeros if no location raises the logit), or summing to 1.
     """
     branch = getattr(model, "resnet", model)
     block = find_block(branch, layer)

@@ -14,6 +14,9 @@ same grid: ``saliency`` (S, H, W) (any non-negative scale; it is normalised with
 - :func:`shifted_baseline`: an empirical baseline that keeps the map's own shape (smoothness, blob
   size): the mean scores of the same map circularly shifted to random places in the volume.
 - :func:`localisation_scores`: all of the above for one (map, mask) pair.
+- :func:`score_maps` / :func:`localisation_table`: every positive class of every volume, for any map
+  methods (e.g. ``attention.vit_relevance``, ``attention.gradcam_resnet``), then one table per class:
+  model, method, pointing-game hit rate, its random baseline, mass fraction, its random baseline, n.
 
 A score above its baseline means the map points at the lesion more than chance; a diffuse map scores
 near the baseline, a map on the lesion near 1.
@@ -21,14 +24,22 @@ near the baseline, a map on the lesion near 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.ndimage import binary_dilation
+from tqdm.auto import tqdm
 
 from ctlib.attention import as_distribution
+from ctlib.data import CLASSES
 
-__all__ = ["localisation_scores", "mass_fraction", "pointing_game", "random_baseline", "shifted_baseline"]
+__all__ = ["localisation_scores", "localisation_table", "mass_fraction", "pointing_game", "random_baseline",
+           "score_maps", "shifted_baseline"]
+
+#: A map method: (volume (S, H, W), class index) -> saliency (S, H, W) on the same grid.
+MapMethod = Callable[[np.ndarray, int], np.ndarray]
 
 
 def _check(saliency: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -134,3 +145,57 @@ def localisation_scores(saliency: Any, mask: Any, *, tolerance: int = 0, n_shift
         shifted = shifted_baseline(saliency, mask, tolerance=tolerance, n_shifts=n_shifts, seed=seed)
         out["pointing_shifted"], out["mass_shifted"] = shifted["pointing"], shifted["mass"]
     return out
+
+
+def score_maps(
+    cases: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    methods: Mapping[str, MapMethod],
+    *,
+    model: str,
+    classes: Sequence[str] = CLASSES,
+    tolerance: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Scores every method's map for every class a volume is positive for and has a lesion mask of.
+
+    Args:
+        cases: (volume name, volume (S, H, W) as the model sees it, labels (C,) 0/1, lesion masks bool
+            (C, S, H, W) in the same frame) per volume.
+        methods: method name -> map function (volume, class index) -> (S, H, W).
+        model: the model's name, a column of the result.
+        classes: class names (label and mask order).
+        tolerance: pointing-game slack in voxels.
+        progress: a progress bar over the volumes.
+
+    Returns:
+        One row per (volume, class, method): ``volume``, ``class``, ``model``, ``method``, ``pointing``,
+        ``pointing_random``, ``mass``, ``mass_random``.
+    """
+    rows = []
+    for name, volume, labels, masks in tqdm(cases, desc=f"scoring {model}", disable=not progress, leave=False):
+        masks = np.asarray(masks, dtype=bool)
+        if masks.shape[0] != len(classes) or masks.shape[1:] != np.shape(volume):
+            raise ValueError(f"{name}: masks must be ({len(classes)}, *{np.shape(volume)}), got {masks.shape}")
+        for k in np.flatnonzero(np.asarray(labels).reshape(-1) > 0):
+            if not masks[k].any():
+                continue  # positive, but no lesion in the model's field of view
+            for method, fn in methods.items():
+                scores = localisation_scores(fn(volume, int(k)), masks[k], tolerance=tolerance)
+                rows.append({"volume": name, "class": classes[k], "model": model, "method": method, **scores})
+    columns = ["volume", "class", "model", "method", "pointing", "pointing_random", "mass", "mass_random"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def localisation_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Means per (class, model, method) of :func:`score_maps` rows.
+
+    Returns:
+        DataFrame indexed by (``class``, ``model``, ``method``) with columns ``pointing`` (hit rate),
+        ``pointing_random``, ``mass`` (mean mass fraction), ``mass_random`` (means of the per-volume
+        random baselines) and ``n`` (volumes scored).
+    """
+    keys = ["class", "model", "method"]
+    grouped = scores.groupby(keys, sort=False)
+    table = grouped[["pointing", "pointing_random", "mass", "mass_random"]].mean()
+    table["n"] = grouped.size()
+    return table

@@ -24,9 +24,14 @@
 # the nodule but a diffuse spread for mosaic attenuation, and read it as the attention being better at
 # localised abnormalities with distinct boundaries.
 #
-# Two maps per volume, both over slices: the **3D ViT's attention** (attention rollout over the spatial
-# layers, weighted by the slice-wise attention each slice receives) and the **ResNet branch's Grad-CAM**
-# for the fusion model's logit of the class (the 2D branch's evidence for the fused decision).
+# Three maps per volume, all over slices: the **3D ViT's attention** (rollout through the spatial and
+# the slice-wise layers, composed exactly: the attention reaching slice s, patch n is the mean over the
+# pooled tokens of the slice-wise flow into slice s at every position n' times the spatial flow from n
+# to n'), the **ViT's class-specific relevance** (the same rollout with each layer's attention weighted
+# by the gradient of the class logit, Chefer et al. 2021), and the **ResNet branch's Grad-CAM** for the
+# fusion model's logit of the class (the 2D branch's evidence for the fused decision). The last two are
+# class-specific; for scoring, every map gets one normalisation (non-negative, summing to 1 over the
+# volume's voxels).
 
 # %% tags=["parameters"]
 profile = "demo"
@@ -46,11 +51,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from IPython.display import Markdown, display
 
-from ctlib import attention, figures
-from ctlib.data import CLASSES, load_prepared
+from ctlib import attention, figures, localisation
+from ctlib.data import CLASSES, load_cohort, load_prepared
 from ctlib.launch import paper_outputs
-from ctlib.train import load_run
+from ctlib.train import load_run, preprocessing_for, synthetic_root
 
 out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
                     figures_dir=figures_dir, results_dir=results_dir, seed=seed)
@@ -105,11 +111,13 @@ for cls in ("Lung nodule", "Mosaic attenuation pattern"):
     k = CLASSES.index(cls)
     volume = torch.from_numpy(np.array(load_prepared(cache, str(names[i])), dtype=np.float32))
     vit_map = attention.vit_attention(model, volume)
+    relevance = attention.vit_relevance(model, volume, k, normalize="max")
     cam = attention.gradcam_resnet(model, volume, k, layer=gradcam_layer)
-    slices = attention.salient_slices(vit_map + cam, n=4, min_gap=max(1, volume.shape[0] // 8))
+    slices = attention.salient_slices(vit_map + relevance + cam, n=4, min_gap=max(1, volume.shape[0] // 8))
     name = str(names[i]).removesuffix(".nii.gz")
     title = f"{cls}: {name} ({part}, p = {probs[i, k]:.2f})"
-    maps = {"ViT attention": vit_map, f"ResNet Grad-CAM ({gradcam_layer})": cam}
+    maps = {"ViT attention": vit_map, "ViT relevance (class)": relevance,
+            f"ResNet Grad-CAM ({gradcam_layer})": cam}
     cases.append(figures.AttentionCase(title, volume.numpy(), maps, slices))
     stats.append((cls, name, part, float(probs[i, k]), attention.concentration(vit_map),
                   attention.concentration(cam)))
@@ -118,8 +126,8 @@ for cls in ("Lung nodule", "Mosaic attenuation pattern"):
 # %% [markdown]
 # ## Figure 5
 #
-# Rows: the CT in the lung window, the ViT attention, the ResNet Grad-CAM; columns: the four slices with
-# the most saliency. Colours are normalised per volume (0 to 1), and low values are transparent.
+# Rows: the CT in the lung window, the ViT attention, the ViT's class relevance, the ResNet Grad-CAM;
+# columns: the four slices with the most saliency. Colours are normalised per volume (0 to 1), and low values are transparent.
 
 # %%
 figures.plot_attention_overlays(cases, normalized_range=tuple(run_profile.hu_range),
@@ -137,3 +145,64 @@ focus = pd.DataFrame(stats, columns=["class", "volume", "split", "probability", 
                                      "Grad-CAM top-5% share"]).set_index("class")
 figures.save_table(focus, res_dir / "attention_concentration")
 focus.round(3)
+
+# %% [markdown]
+# ## Do the maps point at the lesion?
+#
+# The synthetic generator knows where every lesion is (its lesion sidecar), so Figure 5's "localised vs
+# diffuse" reading becomes numbers. For each class, over the test volumes that contain its lesion, and
+# for each model and class-specific map (the ViT's gradient-weighted attention, the ResNet's Grad-CAM;
+# the fusion has both): the **pointing game** (is the map's maximum inside the lesion?) and the **mass
+# fraction** (the share of the map inside the lesion), each beside what a random map scores (the
+# lesion's share of the volume). Maps are scored on the model-input grid, each normalised to sum 1.
+# CT-RATE has no lesion truth: there the table is skipped.
+
+# %%
+try:
+    from ctlib.synthetic import lesion_masks_for_model
+except ImportError:
+    lesion_masks_for_model = None
+if run_profile.data_root is not None:
+    print("CT-RATE data: no lesion truth, so the maps are not scored")
+elif lesion_masks_for_model is None:
+    print("lesion truth unavailable (ctlib.synthetic has no lesion_masks_for_model): scoring skipped")
+else:
+    snapshot = synthetic_root(run_profile)
+    cohort = load_cohort(snapshot).set_index("VolumeName")
+    test_rows = np.flatnonzero(split == "test")
+
+    def cases_for(model_name: str, run_cache: Path):
+        prep = preprocessing_for(run_profile, model_name)
+        for i in test_rows:
+            name = str(names[i])
+            row = cohort.loc[name]
+            spacing = (float(row["XYSpacing"]), float(row["XYSpacing"]), float(row["ZSpacing"]))
+            masks = lesion_masks_for_model(snapshot, name, prep, spacing)
+            yield name, np.array(load_prepared(run_cache, name), dtype=np.float32), labels[i], masks
+
+    def relevance_of(net):
+        return lambda volume, k: attention.vit_relevance(net, volume, k)
+
+    def gradcam_of(net):
+        return lambda volume, k: attention.gradcam_resnet(net, volume, k, layer=gradcam_layer, normalize="sum")
+
+    fusion_methods = {"ViT relevance": relevance_of(model), "Grad-CAM": gradcam_of(model)}
+    scorers = {"ResNet+ViT (learned alpha)": ("fusion", model, cache, fusion_methods)}
+    for label, model_name in (("ResNet", "resnet2d"), ("ViT", "vit3d")):
+        other_dir = out.run_dir(model_name)
+        if (other_dir / "checkpoints" / "best.pt").exists():
+            net, _, other_config = load_run(other_dir)
+            methods = ({"Grad-CAM": gradcam_of(net)} if model_name == "resnet2d"
+                       else {"ViT relevance": relevance_of(net)})
+            scorers[label] = (model_name, net, Path(other_config["cache_dir"]), methods)
+        else:
+            print(f"{other_dir} has no finished run (notebook {'02' if model_name == 'resnet2d' else '03'}): "
+                  f"{label} is not scored")
+    scores = pd.concat([localisation.score_maps(cases_for(model_name, run_cache), methods, model=label)
+                        for label, (model_name, _net, run_cache, methods) in scorers.items()], ignore_index=True)
+    figures.save_table(scores.set_index(["volume", "class", "model", "method"]), res_dir / "localisation_scores")
+    localisation_by_class = localisation.localisation_table(scores)
+    figures.save_table(localisation_by_class, res_dir / "localisation")
+    for cls, table in localisation_by_class.groupby(level="class", sort=False):
+        display(Markdown(f"**{cls}**"))
+        display(table.droplevel("class").round(3))

@@ -87,3 +87,35 @@ def test_bad_inputs_are_named():
         pointing_game(np.ones(SHAPE), np.zeros(SHAPE, bool))
     with pytest.raises(ValueError, match="tolerance"):
         pointing_game(np.ones(SHAPE), mask, tolerance=-1)
+
+
+def test_score_maps_and_the_table():
+    from ctlib.localisation import localisation_table, score_maps
+
+    classes = ("a", "b", "c")
+    masks = np.zeros((3, *SHAPE), dtype=bool)
+    masks[0] = _cube()
+    masks[1, 0, 0, 0] = True  # class b: positive, a one-voxel lesion in the corner
+    labels = np.array([1, 1, 0])  # c is negative: never scored
+
+    def on_lesion(volume, k):
+        return masks[k].astype(float)
+
+    def centre(volume, k):
+        m = np.zeros(SHAPE)
+        m[2, 3, 3] = 1.0
+        return m
+
+    cases = [("v1", np.zeros(SHAPE), labels, masks), ("v2", np.zeros(SHAPE), np.array([1, 0, 1]), masks)]
+    rows = score_maps(cases, {"oracle": on_lesion, "centre": centre}, model="toy", classes=classes,
+                      progress=False)
+    assert len(rows) == 3 * 2  # v1: a, b; v2: a (c has no lesion mask)
+    table = localisation_table(rows)
+    assert table.loc[("a", "toy", "oracle"), "n"] == 2 and table.loc[("b", "toy", "centre"), "n"] == 1
+    assert table.loc[("a", "toy", "centre"), "pointing"] == 1.0  # (2, 3, 3) is inside the cube
+    assert table.loc[("b", "toy", "centre"), "pointing"] == 0.0
+    assert table.loc[("b", "toy", "oracle"), "mass"] == pytest.approx(1.0)
+    assert table.loc[("b", "toy", "oracle"), "mass_random"] == pytest.approx(1 / 256)
+    with pytest.raises(ValueError, match="v1: masks"):
+        score_maps([("v1", np.zeros(SHAPE), labels, masks[:2])], {"oracle": on_lesion}, model="toy",
+                   classes=classes, progress=False)

@@ -2,7 +2,8 @@
 
 Modules follow the paper's pipeline, data flowing one way:
 ``data`` (CT-RATE on disk) -> ``cache`` (prepared volumes) -> ``models`` -> ``train``
--> ``metrics`` -> ``figures`` / ``latent`` / ``attention``. ``synthetic`` writes a
+-> ``metrics`` -> ``comparison`` -> ``tables`` / ``figures`` / ``latent`` / ``attention`` ->
+``localisation``. ``synthetic`` writes a
 CT-RATE-format phantom dataset so that everything runs without the gated download.
 """
 

@@ -13,6 +13,9 @@ and ``probs`` (N, 18) in [0, 1], columns in ``ctlib.data.CLASSES`` order.
 - :func:`predictions_frame` / :func:`read_predictions`: the ``predictions.csv`` format.
 - :func:`metrics_table`: Tables 2 and 3.
 
+Comparing two models on the same test patients (paired bootstrap differences) and macro AUROC per
+class group live in :mod:`ctlib.comparison`.
+
 Accuracy is *label-wise* (the mean over classes of per-class accuracy, i.e. element-wise accuracy
 over the N x 18 matrix), never subset accuracy (all 18 labels of a volume right). The paper's
 accuracy of 0.83 at a recall of 0.34 is only plausible label-wise: most labels are negative, so

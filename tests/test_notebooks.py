@@ -63,6 +63,28 @@ def test_tables_are_produced(smoke_paper, name):
         assert len(pd.read_csv(path)) > 0
 
 
+def test_tables_that_cannot_mislead(smoke_paper):
+    """Intervals as columns, the CT-CLIP weighted F1 apart, paired differences, the learned-2D row."""
+    import pandas as pd
+
+    out, _ = smoke_paper
+    res = out / "results/smoke"
+    t2 = pd.read_csv(res / "table2.csv")
+    assert {"auroc_low", "auroc_high"} <= set(t2.columns)
+    summary = pd.read_csv(res / "metrics_fusion.csv", index_col="rule")
+    assert "f1_weighted (CT-CLIP)" in summary.columns
+    assert summary["f1"].isna().loc["CT-CLIP protocol (fitted on test)"]
+    paired2 = pd.read_csv(res / "table2_paired.csv")
+    assert "ResNet+ViT - ResNet" in set(paired2["comparison"])
+    assert {"diff", "diff_low", "diff_high", "p_boot"} <= set(paired2.columns)
+    t3 = pd.read_csv(res / "table3.csv", index_col="alpha")
+    assert "learned-2d" in t3.index and "learned" in t3.index
+    paired3 = pd.read_csv(res / "table3_paired.csv")
+    assert {"alpha learned - alpha 0.0", "alpha learned-2d - alpha 0.0"} <= set(paired3["comparison"])
+    hist = pd.read_csv(out / "runs/smoke/fusion-learned-2d/history.csv")
+    assert hist[["alpha", "beta"]].notna().all().all()
+
+
 _KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
            "language_info": {"name": "python"}}
 

@@ -102,8 +102,17 @@ from ctlib.synthetic.anatomy import _cavity_depth, _heart
 from ctlib.synthetic.plan import PREVALENCE, _draw_labels, _plan
 from ctlib.synthetic.scanner import _phantom
 from ctlib.synthetic.signatures import SIGNATURES
+from ctlib.synthetic.truth import lesion_masks, lesion_masks_for_model, lesion_table
 from ctlib.synthetic.writer import _write_volume, generate, main
 
-__all__ = ["SIGNATURES", "PREVALENCE", "generate", "main"]
+__all__ = [
+    "SIGNATURES",
+    "PREVALENCE",
+    "generate",
+    "main",
+    "lesion_table",
+    "lesion_masks",
+    "lesion_masks_for_model",
+]
 # private names kept importable from the package for tests and notebooks
 _PRIVATE = (_cavity_depth, _heart, _draw_labels, _plan, _phantom, _write_volume)

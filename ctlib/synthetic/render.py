@@ -3,26 +3,20 @@ the scanner's kernel and noise."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
-from scipy import special
 
-from ctlib.synthetic.anatomy import _Anatomy, _cavity_depth, _dome, _heart, _lung_shape, _u
+from ctlib.synthetic.anatomy import _Anatomy, _cavity_depth, _u
 from ctlib.synthetic.geometry import (
     _F32,
     _cover,
-    _draw_airways,
-    _draw_tubes,
     _ell_geom,
     _Grid,
     _lerp,
-    _maxin,
     _polyline,
     _seg_geom,
 )
-from ctlib.synthetic.signatures import _dependency, _effusion_thickness
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,17 +63,20 @@ def _paint_ellipsoid(
     angle: float = 0.0,
     margin: float = 0.0,
     grow: float = 0.0,
-) -> None:
-    """Paint an ellipsoid grown by ``grow`` mm (approximately) and mark ``env`` within ``margin``."""
+) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+    """Paint an ellipsoid grown by ``grow`` mm (approximately) and mark ``env`` within ``margin``; returns
+    its slices and coverage ``(bx, by, bz)`` (None when it misses the grid)."""
     rm = min(radii)
     geo = _ell_geom(g, c, radii, angle, pad=grow + margin + g.h)
     if geo is None:
-        return
+        return None
     sl, q = geo
     d = q * rm
-    _lerp(hu, sl, _cover(d, rm + grow, g.h), value)
+    cov = _cover(d, rm + grow, g.h)
+    _lerp(hu, sl, cov, value)
     if env is not None:
         env[sl] |= (d < rm + grow + margin).mean(axis=-1) > 0.5
+    return sl, cov
 
 
 def _ell_cover(g: _Grid, c, radii, angle: float = 0.0):
@@ -94,199 +91,6 @@ def _ell_cover(g: _Grid, c, radii, angle: float = 0.0):
 def _airway_wall(extra: float) -> Callable[[float], float]:
     """Outer radius of a bronchus of lumen radius r (normal wall ~20% of the lumen + 0.6 mm)."""
     return lambda r: 1.25 * r + 0.6 + extra
-
-
-def _render_chest(a: _Anatomy, les: Mapping[str, dict[str, Any]], g: _Grid) -> np.ndarray:
-    """HU ``(X, Y, Z)`` float32 of a chest phantom with the lesions ``les`` (no noise, no blur)."""
-    nz = len(g.z)
-    X2, Y2 = g.x[:, None], g.y[None, :]  # noqa: N806
-    # body: fat under the skin, muscle inside
-    eb = ((X2 - a.bx) / a.ba) ** 2 + ((Y2 - a.by) / a.bb) ** 2
-    em = ((X2 - a.bx) / (a.ba - a.fat)) ** 2 + ((Y2 - a.by) / (a.bb - a.fat)) ** 2
-    body2 = np.where(em < 1, a.muscle_hu, np.where(eb < 1, a.fat_hu, -1000.0)).astype(_F32)
-    hu = np.repeat(body2[:, :, None], nz, axis=2)
-
-    # the thoracic cavity and everything inside it, on the cavity's bounding box
-    slc = g.box((a.bx - a.ca - 2, a.cyc - a.cb - 2, -1e9), (a.bx + a.ca + 2, a.cyc + a.cb + 2, 1e9))
-    gc = g.sub(slc)
-    H = hu[slc]  # noqa: N806 - a view: painting H paints hu
-    Xc, Yc, Zc = gc.X, gc.Y, gc.Z  # noqa: N806
-    Xc2, Yc2 = gc.x[:, None], gc.y[None, :]  # noqa: N806
-    depth2 = _cavity_depth(a, Xc2, Yc2)
-    cav2 = depth2 > 0
-    zd2 = _dome(a, Xc2, Yc2)
-    H[...] = np.where(cav2[:, :, None], a.med_hu, H)
-    # thoracic inlet: muscle lateral to the mediastinum above the lung apices
-    inlet = cav2[:, :, None] & (Zc > a.taper_z0) & (np.abs(Xc - a.bx) > a.w_med + 22.0)
-    H[inlet] = a.muscle_hu
-
-    # abdomen below the diaphragm: liver (right, crossing anteriorly), stomach with gas, spleen
-    kab = int(np.searchsorted(gc.z, float(zd2[cav2].max()) + 1.0, side="right")) if cav2.any() else 0
-    if kab > 0:
-        gab = _Grid(gc.x, gc.y, gc.z[:kab], gc.h, gc.hz, gc.zsub)
-        liver2 = (Xc2 - a.bx) < 25.0 - 0.6 * (Yc2 - a.cyc)
-        A = np.repeat(np.where(liver2, a.liver_hu, 28.0).astype(_F32)[:, :, None], kab, axis=2)  # noqa: N806
-        sc, sr = a.stomach_c, a.stomach_r
-        _paint_ellipsoid(gab, A, None, sc, sr, 40.0, grow=3.0)
-        _paint_ellipsoid(gab, A, None, sc, sr, 20.0)
-        gas = _ell_cover(
-            gab, (sc[0], sc[1] - 0.55 * sr[1], sc[2] + 0.3 * sr[2]), (0.8 * sr[0], 0.45 * sr[1], 0.6 * sr[2])
-        )
-        if gas is not None:
-            _lerp(A, gas[0], gas[1], -1000.0)
-        _paint_ellipsoid(gab, A, None, a.spleen_c, a.spleen_r, 48.0)
-        below = cav2[:, :, None] & (gab.Z < zd2[:, :, None])
-        H[:, :, :kab] = np.where(below, A, H[:, :, :kab])
-
-    # mediastinum: everything painted here also marks the envelope that the lungs cannot enter
-    env = np.zeros(gc.shape, bool)
-    env |= (np.hypot(Xc2 - a.bx, Yc2 - a.vb_y) < a.vb_r + 4.0)[:, :, None]
-    hc, hr, hang = _heart(a, les)
-    pe = les.get("Pericardial effusion")
-    if pe is not None:
-        _paint_ellipsoid(gc, H, env, hc, hr, pe["hu"], hang, margin=2.0, grow=3.5 + pe["t"])
-    _paint_ellipsoid(gc, H, env, hc, hr, -95.0, hang, margin=2.0, grow=3.5)  # epicardial fat
-    _paint_ellipsoid(gc, H, None, hc, hr, 40.0, hang)
-    # anterior mediastinal (thymic) fat in front of the great vessels
-    zlo = a.heart_top - 25.0
-    _paint_ellipsoid(
-        gc,
-        H,
-        env,
-        (a.bx - 3.0, a.cyc - 0.68 * a.cb, 0.5 * (zlo + 140.0)),
-        (17.0 * a.k, 0.3 * a.cb, 0.5 * (140.0 - zlo)),
-        a.med_hu,
-    )
-    _paint_tubes(gc, H, env, a.aorta, 42.0, 5.0)
-    _paint_tubes(gc, H, env, a.pulmonary, 38.0, 4.0)
-    _paint_tubes(gc, H, env, a.veins, 36.0, 4.0)
-    _paint_tubes(gc, H, env, a.arch_branches, 40.0, 4.0)
-    if "Lymphadenopathy" in les:
-        for _, c, radii, v in les["Lymphadenopathy"]["nodes"]:
-            _paint_ellipsoid(gc, H, env, c, radii, v, margin=2.0)
-    _paint_tubes(gc, H, env, a.oesophagus, 35.0, 4.0, lumen=2.5 if a.oe_air else None)
-    if "Hiatal hernia" in les:
-        p = les["Hiatal hernia"]
-        c, radii = p["c"], p["radii"]
-        _paint_ellipsoid(gc, H, env, c, radii, 40.0, margin=2.0, grow=4.0)
-        _paint_ellipsoid(gc, H, None, c, radii, p["hu"])
-        lvl = c[1] + p["level"] * radii[1]
-        gas = _ell_cover(gc, c, radii)
-        if gas is not None:
-            sl, cov = gas
-            _lerp(H, sl, cov * (gc.y[sl[1]][None, :, None] < lvl), -1000.0)
-    pbt = les.get("Peribronchial thickening", {}).get("extra", 0.0)
-    _paint_tubes(gc, H, env, a.central_airways[:1], 40.0, 5.0, wall=_airway_wall(0.0))
-    _paint_tubes(gc, H, env, a.central_airways[1:], 40.0, 2.0, wall=_airway_wall(pbt))
-
-    # lungs
-    L = _lung_shape(a, Xc, Yc, Zc) & ~env  # noqa: N806
-    P = np.empty(gc.shape, _F32)  # noqa: N806 - lung parenchyma, denser posteriorly (dependent)
-    P[...] = a.lung_hu + a.lung_grad * (Yc - a.cyc) / a.cb
-    prune = np.ones(gc.shape, _F32)
-    if "Emphysema" in les:
-        p = les["Emphysema"]
-        fe = p["field"].sample(gc) + 0.8 * np.clip(Zc / 70.0, -1.0, 1.0)
-        E = np.clip((fe - float(special.ndtri(1.0 - p["frac"]))) * 2.5, 0.0, 1.0)  # noqa: N806
-        for c, rad in p["bullae"]:
-            b = _ell_cover(gc, c, (rad, rad, rad))
-            if b is not None:
-                _maxin(E, b[0], b[1])
-        P += E * (-985.0 - P)
-        prune *= 1.0 - 0.65 * E
-    if "Mosaic attenuation pattern" in les:
-        p = les["Mosaic attenuation pattern"]
-        lucent = p["cells"].sample(gc) < 0.0
-        P += np.where(lucent, -p["low"], p["high"]).astype(_F32)
-        prune *= np.where(lucent, 0.7, 1.0).astype(_F32)
-    if "Lung opacity" in les:
-        for c, radii, fld, target in les["Lung opacity"]["patches"]:
-            geo = _ell_geom(gc, c, radii, pad=gc.h)
-            if geo is None:
-                continue
-            sl, q = geo
-            cov = np.clip((1.0 - q.mean(axis=-1)) * 3.0 + 0.6 * fld.sample(gc.sub(sl)), 0.0, 1.0)
-            _lerp(P, sl, cov, target)
-    V = np.zeros(gc.shape, _F32)  # noqa: N806 - vessel coverage
-    _draw_tubes(gc, V, a.vessels)
-    W = np.zeros(gc.shape, _F32)  # noqa: N806 - bronchial wall coverage
-    Aw = np.zeros(gc.shape, _F32)  # noqa: N806 - bronchial lumen coverage
-    _draw_airways(gc, W, Aw, a.airways, _airway_wall(pbt))
-    if "Bronchiectasis" in les:
-        p = les["Bronchiectasis"]
-        for segs, w in p["tubes"]:
-            _draw_airways(gc, W, Aw, segs, lambda r, w=w: r + w + pbt)
-        _draw_tubes(gc, V, p["vessels"])
-    T = np.maximum(V * prune, W)  # noqa: N806
-    LH = P + T * (40.0 - P)  # noqa: N806
-    LH += Aw * (-1000.0 - LH)
-    if "Interlobular septal thickening" in les:
-        p = les["Interlobular septal thickening"]
-        S = _cover(p["edges"].sample(gc)[..., None], p["w"], gc.h)  # noqa: N806
-        S *= (depth2 < p["shell"])[:, :, None] | (Zc - zd2[:, :, None] < 15.0)
-        S *= Zc < p["z_top"]
-        LH += S * (p["hu"] - LH)
-    if "Pulmonary fibrotic sequela" in les:
-        p = les["Pulmonary fibrotic sequela"]
-        F = np.zeros(gc.shape, _F32)  # noqa: N806
-        _draw_tubes(gc, F, p["strands"])
-        c, radii, ang = p["cap"]
-        cap = _ell_cover(gc, c, radii, ang)
-        if cap is not None:
-            _maxin(F, cap[0], cap[1])
-        LH += F * (p["hu"] - LH)
-    if "Lung nodule" in les:
-        for c, radii, v in les["Lung nodule"]["nodules"]:
-            n = _ell_cover(gc, c, radii)
-            if n is not None:
-                _lerp(LH, n[0], n[1], v)
-    if "Consolidation" in les:
-        p = les["Consolidation"]
-        geo = _ell_geom(gc, p["c"], p["radii"], p["angle"], pad=gc.h)
-        if geo is not None:
-            sl, q = geo
-            cov = np.clip((1.0 - q.mean(axis=-1)) * 4.0 + 0.6 * p["field"].sample(gc.sub(sl)), 0.0, 1.0)
-            _lerp(LH, sl, cov, p["hu"])
-            B = np.zeros(gc.shape, _F32)  # noqa: N806 - air bronchograms
-            _draw_tubes(gc, B, p["bron"])
-            B[sl] = np.maximum(B[sl], Aw[sl]) * (cov > 0.5)
-            LH += B * (-950.0 - LH)
-    if "Atelectasis" in les:
-        p = les["Atelectasis"]
-        for c, radii, ang in p["parts"]:
-            at = _ell_cover(gc, c, radii, ang)
-            if at is not None:
-                _lerp(LH, at[0], at[1], p["hu"])
-    if "Pleural effusion" in les:
-        p = les["Pleural effusion"]
-        side2 = np.zeros(depth2.shape, bool)
-        for s in p["sides"]:
-            side2 |= (Xc2 < a.bx) if s == "R" else (Xc2 > a.bx)
-        t = _effusion_thickness(p, Zc)
-        ef = L & side2[:, :, None] & (depth2[:, :, None] < t * _dependency(a, Yc2)[:, :, None])
-        LH[ef] = p["hu"]
-    H[...] = np.where(L, LH, H)
-
-    _paint_bones(a, g, hu)
-    # calcifications and metal, over everything
-    for key, item in (
-        ("Arterial wall calcification", "plaques"),
-        ("Coronary artery wall calcification", "spots"),
-    ):
-        if key in les:
-            for c, radii, v in les[key][item]:
-                _paint_ellipsoid(g, hu, None, c, radii, v)
-    if "Medical material" in les:
-        p = les["Medical material"]
-        for segs, v in p["wires"]:
-            _paint_tubes(g, hu, None, segs, v, 0.0)
-        for c, radii, ang, v in p["bodies"]:
-            _paint_ellipsoid(g, hu, None, c, radii, v, ang)
-    # the patient table: a curved tray under the back
-    ty = a.table_y - 0.0008 * (X2 - a.bx) ** 2
-    tray = (np.abs(Y2 - ty) < 2.5) & (np.abs(X2 - a.bx) < 165.0) & (eb >= 1)
-    hu[tray] = 220.0
-    return hu
 
 
 def _paint_bones(a: _Anatomy, g: _Grid, hu: np.ndarray) -> None:

@@ -14,9 +14,11 @@ from ctlib.data import (
     CLASSES,
 )
 from ctlib.synthetic.anatomy import _Anatomy, _rng, _sample_anatomy, _u
+from ctlib.synthetic.chest import _render_chest
 from ctlib.synthetic.geometry import _F32, _HU_OUTSIDE_FOV, _Grid
-from ctlib.synthetic.render import _render_abdomen, _render_chest, _render_head
+from ctlib.synthetic.render import _render_abdomen, _render_head
 from ctlib.synthetic.signatures import _prepare_lesions
+from ctlib.synthetic.truth import _Truth
 
 _KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     # manufacturer: (soft kernels, sharp kernels, models)
@@ -76,23 +78,24 @@ def _render_volume(
     shape: Sequence[int],
     spacing: Sequence[float],
     sharp: bool,
-) -> tuple[np.ndarray, _Anatomy, dict[str, dict[str, Any]], _Grid]:
-    """One volume: int16 HU ``(X, Y, Z)``, its anatomy, lesions and grid. Anatomy and lesions depend
-    on the patient (``base``), the position jitter on the scan, noise and kernel on the reconstruction."""
+) -> tuple[np.ndarray, _Anatomy, dict[str, dict[str, Any]], _Grid, _Truth]:
+    """One volume: int16 HU ``(X, Y, Z)``, its anatomy, lesions, grid and lesion truth. Anatomy and lesions
+    depend on the patient (``base``), the position jitter on the scan, noise and kernel on the reconstruction."""
     a = _sample_anatomy(_rng(*base, 1), age, sex)
     shift = _rng(*base, scan, 2).normal(0.0, 1.0, 3) * np.array([3.0, 3.0, 5.0])
     g = _Grid.make(shape, spacing, shift)
     les: dict[str, dict[str, Any]] = {}
+    truth = _Truth(g.shape)
     if kind == "chest":
         les = _prepare_lesions(a, labels, base)
-        hu = _render_chest(a, les, g)
+        hu = _render_chest(a, les, g, truth)
     elif kind == "abdomen":
         hu = _render_abdomen(a, _rng(*base, scan, 4), g)
     elif kind == "head":
         hu = _render_head(_rng(*base, scan, 4), g)
     else:
         raise ValueError(f"unknown phantom kind {kind!r}; expected 'chest', 'abdomen' or 'head'")
-    return _finish(hu, spacing, sharp, _rng(*base, scan, recon, 3)), a, les, g
+    return _finish(hu, spacing, sharp, _rng(*base, scan, recon, 3)), a, les, g, truth
 
 
 def _phantom(
@@ -107,8 +110,9 @@ def _phantom(
     sex: str = "M",
 ) -> SimpleNamespace:
     """One volume with forced labels (a mapping class -> 0/1, or 18 values): for tests and looks.
-    Returns ``hu`` (int16 ``(X, Y, Z)``), ``anatomy``, ``lesions`` and ``grid``; the anatomy and noise
-    depend only on ``seed``, so two calls differing in labels differ exactly by the lesions."""
+    Returns ``hu`` (int16 ``(X, Y, Z)``), ``anatomy``, ``lesions``, ``grid`` and ``truth`` (the lesion
+    recorder: ``truth.mask()`` uint32 ``(X, Y, Z)``); the anatomy and noise depend only on ``seed``, so two
+    calls differing in labels differ exactly by the lesions."""
     if isinstance(labels, Mapping):
         unknown = set(labels) - set(CLASSES)
         if unknown:
@@ -118,5 +122,5 @@ def _phantom(
         vec = [int(v) for v in labels] or [0] * len(CLASSES)
         if len(vec) != len(CLASSES):
             raise ValueError(f"expected {len(CLASSES)} labels, got {len(vec)}")
-    hu, a, les, g = _render_volume(kind, vec, (seed, 9, 1), 0, 1, age, sex, shape, spacing, sharp)
-    return SimpleNamespace(hu=hu, anatomy=a, lesions=les, grid=g)
+    hu, a, les, g, truth = _render_volume(kind, vec, (seed, 9, 1), 0, 1, age, sex, shape, spacing, sharp)
+    return SimpleNamespace(hu=hu, anatomy=a, lesions=les, grid=g, truth=truth)

@@ -31,6 +31,7 @@ from ctlib.data import (
 from ctlib.synthetic.plan import _plan, _Volume
 from ctlib.synthetic.reports import _report
 from ctlib.synthetic.scanner import _render_volume
+from ctlib.synthetic.truth import TRUTH_DIR, _save_mask, _write_lesions_csv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,15 +53,19 @@ def _save_nifti(path: Path, arr: np.ndarray, spacing: Sequence[float], *, fixed:
     os.replace(tmp, path)
 
 
-def _write_volume(task: tuple[_Volume, tuple[int, int, int], tuple[float, float, float], str]) -> str:
-    """Render one volume and write it (and its fixed re-upload); runs in a worker process."""
+def _write_volume(task: tuple[_Volume, tuple[int, int, int], tuple[float, float, float], str]) -> list[list]:
+    """Render one volume and write it (and its fixed re-upload) under ``root`` (the ``dataset/`` folder),
+    and its lesion mask under ``root/../truth/``; returns its ``lesions.csv`` rows. Runs in a worker."""
     v, shape, spacing, root = task
-    hu = _render_volume(v.kind, v.labels, v.base, v.scan, v.recon, v.age, v.sex, shape, spacing, v.sharp)[0]
+    hu, *_, truth = _render_volume(
+        v.kind, v.labels, v.base, v.scan, v.recon, v.age, v.sex, shape, spacing, v.sharp
+    )
     stored = np.clip(hu.astype(np.int32) - v.intercept, -32768, 32767).astype(np.int16)
     _save_nifti(Path(root) / volume_relpath(v.name), stored, spacing, fixed=False)
     if v.fixed:
         _save_nifti(Path(root) / volume_relpath(v.name, fixed=True), hu, spacing, fixed=True)
-    return v.name
+    _save_mask(Path(root).parent, v.name, truth.mask())
+    return truth.rows(v.name)
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -131,6 +136,9 @@ def generate(
 ) -> Path:
     """Write a synthetic CT-RATE snapshot under ``out/dataset/`` and return that ``dataset`` path.
 
+    Beside it, outside CT-RATE's format, ``out/truth/`` holds the lesion truth (``lesions.csv`` and one
+    ``masks/<VolumeName>.npz`` per written volume; see :mod:`ctlib.synthetic.truth` and DATA.md).
+
     Args:
         out: folder that receives ``dataset/`` (created if needed).
         n_patients: patients over both splits (~85% ``train_*``, ~15% ``valid_*``), >= 2.
@@ -156,6 +164,8 @@ def generate(
                 f"{root} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
             )
         shutil.rmtree(root)
+    if (root.parent / TRUTH_DIR).exists():  # the lesion truth of an earlier snapshot here
+        shutil.rmtree(root.parent / TRUTH_DIR)
     root.mkdir(parents=True, exist_ok=True)
     vols = _plan(int(n_patients), int(seed))
 
@@ -177,20 +187,23 @@ def generate(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(tasks), desc="synthetic CT volumes", unit="vol", disable=not progress)
+    rows: dict[str, list[list]] = {}
     try:
         if workers == 1 or len(tasks) <= 1:
             for t in tasks:
-                fn(t)
+                rows[t[0].name] = fn(t)
                 bar.update()
         else:
             # A worker that dies raises BrokenProcessPool here (a multiprocessing.Pool would respawn it
             # forever); results do not depend on which worker renders which volume.
             with ProcessPoolExecutor(min(int(workers), len(tasks)), mp_context=_mp_context()) as pool:
-                for fut in as_completed([pool.submit(fn, t) for t in tasks]):
-                    fut.result()
+                futures = {pool.submit(fn, t): t[0].name for t in tasks}
+                for fut in as_completed(futures):
+                    rows[futures[fut]] = fut.result()
                     bar.update()
     finally:
         bar.close()
+    _write_lesions_csv(root.parent, [r for t in tasks for r in rows[t[0].name]])
     return root
 
 

@@ -101,12 +101,15 @@ Run ``python -m ctlib.synthetic --help`` for the command line.
 from ctlib.synthetic.anatomy import _cavity_depth, _heart
 from ctlib.synthetic.plan import PREVALENCE, _draw_labels, _plan
 from ctlib.synthetic.scanner import _phantom
-from ctlib.synthetic.signatures import SIGNATURES
+from ctlib.synthetic.signatures import SIGNATURES, Signature, class_groups, signature_table
 from ctlib.synthetic.truth import lesion_masks, lesion_masks_for_model, lesion_table
 from ctlib.synthetic.writer import _write_volume, generate, main
 
 __all__ = [
     "SIGNATURES",
+    "Signature",
+    "class_groups",
+    "signature_table",
     "PREVALENCE",
     "generate",
     "main",

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from ctlib.synthetic.anatomy import _Anatomy, _cavity_depth, _dome, _heart, _lung_shape
+from ctlib.synthetic.anatomy import POST_HU, _Anatomy, _cavity_depth, _dome, _heart, _lung_shape
 from ctlib.synthetic.geometry import _F32, _cover, _draw_airways, _draw_tubes, _ell_geom, _Grid, _lerp, _maxin
+from ctlib.synthetic.lesions import _dependency, _effusion_thickness
 from ctlib.synthetic.render import _airway_wall, _ell_cover, _paint_bones, _paint_ellipsoid, _paint_tubes
-from ctlib.synthetic.signatures import _dependency, _effusion_thickness
 from ctlib.synthetic.truth import _Truth
 
 
@@ -116,6 +116,8 @@ def _paint_mediastinum(
     _paint_tubes(gc, H, env, a.pulmonary, 38.0, 4.0)
     _paint_tubes(gc, H, env, a.veins, 36.0, 4.0)
     _paint_tubes(gc, H, env, a.arch_branches, 40.0, 4.0)
+    cut = les.get("Lymphadenopathy", {}).get("cut", {})
+    _paint_tubes(gc, H, env, _posts(a.station_posts, cut), POST_HU, 2.0)
     if "Lymphadenopathy" in les:
         for _, c, radii, v in les["Lymphadenopathy"]["nodes"]:
             node = _paint_ellipsoid(gc, H, env, c, radii, v, margin=2.0)
@@ -141,6 +143,17 @@ def _paint_mediastinum(
         tc.add("Peribronchial thickening", (slice(None),) * 3,
                _wall_gain(gc, a.central_airways[1:], pbt), within=~_lumen(gc, a.central_airways[1:]))
     return env
+
+
+def _posts(posts: Mapping, cut: Mapping) -> list[tuple]:
+    """Vertical segments ``(p0, p1, r, r)`` of the posts ``{key: (x, y, z_bottom, z_top, r)}``, each spanning
+    ``[z_bottom + cut[key], z_top]`` (its rounded ends included)."""
+    segs = []
+    for key, (x, y, z0, z1, r) in posts.items():
+        lo = z0 + cut.get(key, 0.0) + r
+        hi = max(z1 - r, lo)
+        segs.append(((x, y, lo), (x, y, hi), r, r))
+    return segs
 
 
 def _wall_gain(gc: _Grid, segs, extra: float) -> np.ndarray:
@@ -175,7 +188,7 @@ def _lung_hu(
             b = _ell_cover(gc, c, (rad, rad, rad))
             if b is not None:
                 _maxin(E, b[0], b[1])
-        P += E * (-985.0 - P)
+        P += E * (-990.0 - P)
         prune *= 1.0 - 0.65 * E
         tc.add("Emphysema", whole, E >= 0.5, within=L)
     if "Mosaic attenuation pattern" in les:
@@ -212,6 +225,10 @@ def _lung_hu(
     T = np.maximum(V * prune, W)  # noqa: N806
     LH = P + T * (40.0 - P)  # noqa: N806
     LH += Aw * (-1000.0 - LH)
+    # the lung posts last: not pruned, not crossed by an airway, so they keep the nodules' HU everywhere
+    posts = np.zeros(gc.shape, _F32)
+    _draw_tubes(gc, posts, _posts(dict(enumerate(a.lung_posts)), les.get("Lung nodule", {}).get("cut", {})))
+    LH += posts * (POST_HU - LH)
     return LH, Aw
 
 

@@ -16,8 +16,8 @@ from ctlib.data import (
 from ctlib.synthetic.anatomy import _Anatomy, _rng, _sample_anatomy, _u
 from ctlib.synthetic.chest import _render_chest
 from ctlib.synthetic.geometry import _F32, _HU_OUTSIDE_FOV, _Grid
+from ctlib.synthetic.lesions import _prepare_lesions
 from ctlib.synthetic.render import _render_abdomen, _render_head
-from ctlib.synthetic.signatures import _prepare_lesions
 from ctlib.synthetic.truth import _Truth
 
 _KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {

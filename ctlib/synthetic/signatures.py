@@ -1,80 +1,126 @@
-"""The 18 abnormality signatures: which class is drawn how (:data:`SIGNATURES`), per-patient variants, and
-the geometry of every lesion of a scan in reference millimetres (see DATA.md, "Signatures")."""
+"""The 18 abnormality signatures: what each class looks like in the phantom (:data:`SIGNATURES`), which
+classes need 3D context by construction (:func:`class_groups`), and per-patient descriptive variants
+shared by the drawing and the report. The geometry is in :mod:`ctlib.synthetic.lesions`; sizes and
+contrasts at each profile's resolution are in DATA.md."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from scipy.spatial import cKDTree
+import pandas as pd
 
-from ctlib.data import (
-    CLASSES,
-)
-from ctlib.synthetic.anatomy import (
-    _Anatomy,
-    _cavity_depth,
-    _heart,
-    _in_lung,
-    _lung_point,
-    _perp,
-    _rng,
-    _u,
-    _wiggle,
-)
-from ctlib.synthetic.geometry import _F32, _ZC, _Coarse, _coarse_axes, _polyline, _smooth_field
-
-SIGNATURES: dict[str, str] = {
-    "Medical material": "2D: metal (2300-3500 HU) pacemaker/ICD generator with leads via the SVC into the right heart, a port with catheter, or a coil pack",
-    "Arterial wall calcification": "2D: 3-10 bright plaques (450-900 HU, 5-8 mm) on the wall of the ascending, arch or descending aorta",
-    "Cardiomegaly": "2D: heart scaled 1.28-1.45x (cardiothoracic ratio ~0.6 vs ~0.45) displacing the left lung",
-    "Pericardial effusion": "2D: 8-22 mm rim of fluid (5-18 HU) around the heart outside the epicardial fat line",
-    "Coronary artery wall calcification": "2D: 2-8 very bright spots (600-1200 HU, 5-8 mm) on the heart surface along the coronary grooves",
-    "Hiatal hernia": "2D: 45-65 mm walled mass behind the heart above the diaphragm with anterior gas and posterior fluid",
-    "Lymphadenopathy": "3D-leaning: 2-5 ovoid mediastinal/hilar nodes (short axis 16-26 mm, ~40 HU); one slice looks like a vessel cross-section",
-    "Emphysema": "2D: low-attenuation areas below -950 HU (-970 to -1000), upper-zone predominant, pruned vessels, some bullae",
-    "Atelectasis": "2D: dense (15-40 HU) plate-like bands or a pleura-based wedge in the lower lung",
-    "Lung nodule": "3D: 1-3 solid spheres (r 5.5-9.5 mm, ~40 HU) over a few slices; one slice equals a vessel cross-section (distractors in all volumes)",
-    "Lung opacity": "2D: 1-4 ground-glass patches (-600 to -450 HU) with irregular margins, vessels visible through them",
-    "Pulmonary fibrotic sequela": "2D: pleuroparenchymal thickening (volume loss) with dense linear strands towards the hilum, mostly upper zone",
-    "Pleural effusion": "2D: crescent of fluid (5-20 HU) layering on the dependent posterior chest wall, thickest at the base",
-    "Mosaic attenuation pattern": "2D diffuse: ~20 mm lobular regions alternately lucent (~-910 HU, thin vessels) and dense (~-780 HU)",
-    "Peribronchial thickening": "2D subtle: every bronchial wall 2.2-3.2 mm thicker (thick rings around airway lumina near the hila)",
-    "Consolidation": "2D: dense (25-45 HU) pleura-based lobar/segmental region obscuring vessels, with air bronchograms",
-    "Bronchiectasis": "3D-leaning: 2-4 dilated airways (lumen r 4.5-7 mm > companion vessel) running 60-100 mm cranio-caudally",
-    "Interlobular septal thickening": "2D: polygonal network of thin (~2 mm, ~20 HU) septal lines in the peripheral lower/middle lung",
-}
+from ctlib.data import CLASSES
+from ctlib.synthetic.anatomy import _rng
 
 _CLS = {c: i for i, c in enumerate(CLASSES)}
 
-def _voronoi(
-    a: _Anatomy, rng: np.random.Generator, lo, hi, cell: float, zstretch: float, shell: float
-) -> _Coarse:
-    """Distance (mm) to the nearest wall of random Voronoi cells of mean size ``cell`` (elongated in z
-    by ``zstretch``, so the walls are near-vertical sheets) over ``[lo, hi]``, on a 4 mm grid;
-    only points within ``shell`` mm of the thoracic cavity wall are evaluated (others: 99)."""
-    span = np.array(hi, float) - np.array(lo, float) + 2 * cell
-    n = int(np.prod(span / np.array([cell, cell, cell * zstretch])))
-    seeds = np.array(lo, float) - cell + rng.random((max(n, 4), 3)) * span
-    scale = np.array([1.0, 1.0, 1.0 / zstretch])
-    axes = _coarse_axes(lo, hi, (4.0, 4.0, 5.0))
-    shape = tuple(len(ax) for ax in axes)
-    keep2 = _cavity_depth(a, axes[0][:, None], axes[1][None, :]) < shell
-    vals = np.full(shape, 99.0, _F32)
-    ix, iy = np.nonzero(keep2)
-    if ix.size:
-        pts = np.empty((ix.size, shape[2], 3))
-        pts[..., 0] = axes[0][ix][:, None]
-        pts[..., 1] = axes[1][iy][:, None]
-        pts[..., 2] = axes[2][None, :]
-        d, _ = cKDTree(seeds * scale).query(pts.reshape(-1, 3) * scale, k=2)
-        vals[ix, iy, :] = (0.5 * (d[:, 1] - d[:, 0])).reshape(ix.size, shape[2])
-    return _Coarse(axes, vals)
+
+@dataclass(frozen=True)
+class Signature:
+    """How one class is drawn: ``description`` (size, HU, place), ``needs_3d`` (True when no single axial
+    slice can tell a positive volume from a negative one, by construction) and the ``reason``."""
+
+    description: str
+    needs_3d: bool
+    reason: str
+
+
+_ONE_SLICE = "one axial slice through it shows a finding that no negative volume has"
+
+SIGNATURES: dict[str, Signature] = {
+    "Medical material": Signature(
+        "metal (2300-3500 HU): a pacemaker/ICD generator (44-60 mm) in the anterior chest wall with leads "
+        "through the SVC into the right heart, a port with a catheter, or a 12-16 mm coil pack at a hilum",
+        False, _ONE_SLICE + " (nothing else exceeds 2000 HU)"),
+    "Arterial wall calcification": Signature(
+        "4-10 bright plaques (700-1200 HU, 8-12 mm in-plane, 10-14 mm long) on the wall of the ascending "
+        "aorta, arch or descending aorta", False, _ONE_SLICE + " (a bright spot on the aortic wall)"),
+    "Cardiomegaly": Signature(
+        "the heart scaled 1.28-1.45x (cardiothoracic ratio ~0.6 instead of ~0.45), displacing the left lung",
+        False, "the heart's cross-section in a mid slice is larger than any normal heart's"),
+    "Pericardial effusion": Signature(
+        "an 8-22 mm rim of fluid (5-18 HU) around the heart, outside the epicardial fat line", False,
+        _ONE_SLICE + " (a fluid band around the heart)"),
+    "Coronary artery wall calcification": Signature(
+        "3-8 very bright spots (900-1500 HU, 8-11 mm) on the heart surface along the LAD, circumflex and "
+        "right coronary grooves", False, _ONE_SLICE + " (a bright spot on the heart's surface)"),
+    "Hiatal hernia": Signature(
+        "a 50-70 mm soft-tissue-walled mass behind the heart just above the diaphragm, with gas anteriorly "
+        "and fluid posteriorly", False, _ONE_SLICE + " (a gas-containing mass behind the heart)"),
+    "Lymphadenopathy": Signature(
+        "2-5 enlarged nodes (short axis 16-24 mm, 40 HU) at paratracheal, aortopulmonary, subcarinal, "
+        "prevascular or hilar stations, each sitting a 14 mm gap below a vertical vessel of the same "
+        "calibre and HU", True,
+        "every chest has a vertical vessel of the node's calibre and HU at every station; in a negative "
+        "it runs through the node's slices, so each slice shows the same round 40 HU density either way; "
+        "only across slices is the node a separate ovoid body"),
+    "Emphysema": Signature(
+        "confluent low-attenuation areas (-990 HU) over 30-50% of the lung, 12-18 mm blobs, upper-zone "
+        "predominant, pruned vessels, 1-3 subpleural bullae (20-36 mm)", False,
+        _ONE_SLICE + " (lung below -950 HU in multi-voxel patches)"),
+    "Atelectasis": Signature(
+        "dense (20-45 HU) plate-like bands 12-18 mm thick or a 36-52 mm pleura-based wedge in the lower lung",
+        False, _ONE_SLICE + " (a dense band or wedge in the lung)"),
+    "Lung nodule": Signature(
+        "1-3 solid spheres (radius 8-11 mm, 40 HU) in the mid lung, each a 14 mm gap below a vertical "
+        "vessel of the same radius and HU", True,
+        "every chest has three such vertical lung vessels; in a negative the vessel runs through the "
+        "nodule's slices, so each slice shows the same round 40 HU density either way; only across slices "
+        "is the nodule a separate sphere"),
+    "Lung opacity": Signature(
+        "2-4 ground-glass patches (-550 to -400 HU, 44-72 mm) with irregular margins, vessels visible "
+        "through them", False, _ONE_SLICE + " (a hazy patch denser than lung)"),
+    "Pulmonary fibrotic sequela": Signature(
+        "pleuroparenchymal thickening (24-36 mm thick cap at the pleura) with 3-6 dense linear strands "
+        "(5-7 mm) towards the hilum and short reticular lines, usually in an upper zone", False,
+        _ONE_SLICE + " (a pleural cap with strands)"),
+    "Pleural effusion": Signature(
+        "a crescent of fluid (5-20 HU) layering along the dependent posterior chest wall, thickest (20-45 mm) "
+        "at the base, uni- or bilateral", False, _ONE_SLICE + " (a dependent fluid crescent)"),
+    "Mosaic attenuation pattern": Signature(
+        "both lungs divided into 24-34 mm lobular regions alternately lucent (~-940 HU, thinner vessels) and "
+        "denser (~-750 HU)", False, _ONE_SLICE + " (patchy lucent and dense lung)"),
+    "Peribronchial thickening": Signature(
+        "every bronchial wall 4.5-6 mm thicker than normal (soft-tissue cuffs around the airways, most "
+        "visible near the hila)", False, _ONE_SLICE + " (thick cuffs around the bronchi)"),
+    "Consolidation": Signature(
+        "a dense (25-45 HU) pleura-based lobar/segmental region (50-90 mm) with irregular margins that "
+        "obscures the vessels and shows air bronchograms", False, _ONE_SLICE + " (dense lung with air bronchograms)"),
+    "Bronchiectasis": Signature(
+        "2-4 dilated airways (lumen radius 7-10 mm, wall 2.5-3.5 mm, wider than the accompanying vessel: "
+        "signet ring) running 60-100 mm cranio-caudally", False,
+        "one slice shows a thick-walled air ring wider than any normal intrapulmonary airway"),
+    "Interlobular septal thickening": Signature(
+        "a polygonal network of septal lines (4-5 mm, ~20 HU) in the peripheral 18-28 mm of the lower and "
+        "middle lung", False, _ONE_SLICE + " (a peripheral polygonal line network)"),
+}
+
+
+def class_groups() -> dict[str, list[str]]:
+    """``{"2D": [...], "3D": [...]}``: the classes that one slice suffices for, and those that need 3D
+    context (``SIGNATURES[c].needs_3d``), each in ``ctlib.data.CLASSES`` order."""
+    return {
+        "2D": [c for c in CLASSES if not SIGNATURES[c].needs_3d],
+        "3D": [c for c in CLASSES if SIGNATURES[c].needs_3d],
+    }
+
+
+def signature_table() -> pd.DataFrame:
+    """One row per class (CLASSES order, index ``class``): ``group`` ("2D"/"3D"), ``signature``, ``reason``."""
+    return pd.DataFrame(
+        {
+            "group": ["3D" if SIGNATURES[c].needs_3d else "2D" for c in CLASSES],
+            "signature": [SIGNATURES[c].description for c in CLASSES],
+            "reason": [SIGNATURES[c].reason for c in CLASSES],
+        },
+        index=pd.Index(list(CLASSES), name="class"),
+    )
+
 
 # ---------------------------------------------------------------------------------------------
-# lesions: per-patient variants (shared by the report) and geometry (drawn by the renderer)
+# per-patient variants (shared by the drawing and the report)
 # ---------------------------------------------------------------------------------------------
 _SIDE3 = ("both", "right", "left")
 
@@ -102,358 +148,11 @@ def _variants(base: Sequence[int]) -> dict[str, dict[str, Any]]:
         elif c == "Lung nodule":
             v["count"] = int(r.choice([1, 2, 3], p=[0.55, 0.3, 0.15]))
         elif c == "Lung opacity":
-            v["count"] = int(r.integers(1, 5))
+            v["count"] = int(r.integers(2, 5))
         elif c == "Emphysema":
-            v["bullae"] = int(r.choice([0, 1, 2], p=[0.5, 0.3, 0.2]))
+            v["bullae"] = int(r.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
         elif c == "Lymphadenopathy":
             v["count"] = int(r.integers(2, 6))
         out[c] = v
     return out
 
-
-def _sides(side: str) -> list[str]:
-    return {"both": ["R", "L"], "right": ["R"], "left": ["L"], "R": ["R"], "L": ["L"]}[side]
-
-
-def _sphere_avoid(c: Sequence[float], r: float) -> Callable[[np.ndarray], np.ndarray]:
-    c = np.asarray(c, float)
-    return lambda p: np.linalg.norm(p - c, axis=1) < r
-
-
-def _wall_point(a: _Anatomy, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The cavity wall point on the ray from the cavity axis through ``p`` (same z), and the unit
-    in-plane inward normal there."""
-    rho = max(math.sqrt(((p[0] - a.bx) / a.ca) ** 2 + ((p[1] - a.cyc) / a.cb) ** 2), 1e-6)
-    wall = np.array([a.bx + (p[0] - a.bx) / rho, a.cyc + (p[1] - a.cyc) / rho, p[2]])
-    inward = np.array([a.bx - wall[0], a.cyc - wall[1], 0.0])
-    return wall, inward / max(float(np.linalg.norm(inward)), 1e-6)
-
-
-def _effusion_thickness(p: Mapping[str, Any], z):
-    return p["t0"] * np.clip((p["z_top"] - z) / (p["z_top"] + 100.0), 0.0, 1.0) ** 0.6
-
-
-def _dependency(a: _Anatomy, y):
-    """1 at the posterior (dependent) wall, 0 anteriorly."""
-    return np.clip((y - a.cyc) / a.cb + 0.35, 0.0, 1.0) ** 0.8
-
-
-def _prepare_lesions(a: _Anatomy, labels: Sequence[int], base: Sequence[int]) -> dict[str, dict[str, Any]]:
-    """Geometry of every labelled abnormality of one scan (reference mm), keyed by class.
-
-    Each class has its own random stream (keyed by the patient), so a lesion keeps its place in a
-    repeat scan and toggling one class leaves the others unchanged. Focal lung lesions avoid the
-    regions of the regional ones so that every drawn lesion stays visible."""
-    present = [c for c, v in zip(CLASSES, labels, strict=True) if v]
-    var = _variants(base)
-    les: dict[str, dict[str, Any]] = {}
-    avoid: list[Callable[[np.ndarray], np.ndarray]] = []
-
-    def rng(c: str) -> np.random.Generator:
-        return _rng(*base, 100 + _CLS[c])
-
-    if "Cardiomegaly" in present:
-        les["Cardiomegaly"] = {"scale": _u(rng("Cardiomegaly"), 1.28, 1.45)}
-    if "Pericardial effusion" in present:
-        r = rng("Pericardial effusion")
-        les["Pericardial effusion"] = {"t": _u(r, 8, 22), "hu": _u(r, 5, 18)}
-    if "Pleural effusion" in present:
-        r = rng("Pleural effusion")
-        p = {
-            "sides": _sides(var["Pleural effusion"]["side"]),
-            "t0": _u(r, 20, 45),
-            "z_top": _u(r, -10, 25),
-            "hu": _u(r, 5, 20),
-        }
-        les["Pleural effusion"] = p
-        sides = p["sides"]
-
-        def eff_avoid(q, p=p, sides=sides):
-            on_side = np.zeros(len(q), bool)
-            for s in sides:
-                on_side |= (q[:, 0] < a.bx) if s == "R" else (q[:, 0] > a.bx)
-            t = _effusion_thickness(p, q[:, 2]) * _dependency(a, q[:, 1]) + 12.0
-            return on_side & (_cavity_depth(a, q[:, 0], q[:, 1]) < t)
-
-        avoid.append(eff_avoid)
-    if "Consolidation" in present:
-        r = rng("Consolidation")
-        v = var["Consolidation"]
-        side = _sides(v["side"])[0]
-        zr = (-70.0, -15.0) if v["zone"] == "lower" else (10.0, 65.0)
-        ypred = (lambda y: y > a.cyc) if v["zone"] == "lower" else (lambda y: y < a.cyc + 0.3 * a.cb)
-        p = _lung_point(r, a, side, margin=12.0, zr=zr, avoid=avoid, ypred=ypred)
-        wall, inward = _wall_point(a, p)
-        radii = (_u(r, 24, 34), _u(r, 32, 45), _u(r, 28, 40))  # (along the wall, radial, z)
-        c = wall + inward * 0.55 * radii[1]
-        ang = math.atan2(inward[1], inward[0]) + math.pi / 2
-        R = max(radii)
-        field_ = _smooth_field(r, c - R - 10.0, c + R + 10.0, 14.0)
-        hil = np.asarray(a.hilum[side])
-        bron = []
-        s0 = c + 0.45 * (hil - c) / max(np.linalg.norm(hil - c), 1e-6) * R
-        for _ in range(int(r.integers(3, 6))):
-            s1 = (
-                wall
-                + inward * _u(r, 6, 14)
-                + r.normal(0, 1, 3) * np.array([radii[0], radii[0], radii[2]]) * 0.5
-            )
-            bron += _polyline([s0, 0.5 * (s0 + s1) + r.normal(0, 3, 3), s1], [_u(r, 2.4, 3.2), 2.0, 1.5])
-        les["Consolidation"] = {
-            "c": c,
-            "radii": radii,
-            "angle": ang,
-            "field": field_,
-            "hu": _u(r, 25, 45),
-            "bron": bron,
-        }
-        avoid.append(_sphere_avoid(c, R + 6.0))
-    if "Atelectasis" in present:
-        r = rng("Atelectasis")
-        v = var["Atelectasis"]
-        parts = []
-        for s in _sides(v["side"]):
-            if v["form"] == "plate-like":  # bands from the pleura towards the hilum
-                for _ in range(int(r.integers(1, 3))):
-                    p = _lung_point(r, a, s, margin=8.0, zr=(-60.0, -8.0), avoid=avoid)
-                    wall, inward = _wall_point(a, p)
-                    radii = (_u(r, 22, 34), _u(r, 3.5, 5.0), _u(r, 14, 22))
-                    ang = math.atan2(inward[1], inward[0]) + _u(r, -0.35, 0.35)
-                    c = wall + radii[0] * 0.85 * np.array([math.cos(ang), math.sin(ang), 0.0])
-                    parts.append((c, radii, ang))
-            else:
-                c = _lung_point(
-                    r,
-                    a,
-                    s,
-                    margin=4.0,
-                    zr=(-60.0, -15.0),
-                    avoid=avoid,
-                    ypred=lambda y: y > a.cyc + 0.25 * a.cb,
-                )
-                wall, inward = _wall_point(a, c)  # a wedge: half an ellipsoid standing on the pleura
-                radii = (_u(r, 24, 34), _u(r, 14, 20), _u(r, 18, 26))
-                ang = math.atan2(inward[1], inward[0])
-                parts.append((wall + inward * 4.0, radii, ang))
-        les["Atelectasis"] = {"parts": parts, "hu": _u(r, 15, 40)}
-        for c, radii, _ in parts:
-            avoid.append(_sphere_avoid(c, max(radii) + 5.0))
-    if "Lung opacity" in present:
-        r = rng("Lung opacity")
-        v = var["Lung opacity"]
-        patches = []
-        sides = _sides(v["side"])
-        for i in range(v["count"]):
-            c = _lung_point(r, a, sides[i % len(sides)], margin=6.0, zr=(-_ZC + 10, _ZC - 10))
-            radii = (_u(r, 16, 32), _u(r, 16, 30), _u(r, 16, 32))
-            R = max(radii)
-            patches.append((c, radii, _smooth_field(r, c - R - 8.0, c + R + 8.0, 10.0), _u(r, -600, -450)))
-        les["Lung opacity"] = {"patches": patches}
-    if "Pulmonary fibrotic sequela" in present:
-        r = rng("Pulmonary fibrotic sequela")
-        v = var["Pulmonary fibrotic sequela"]
-        side = _sides(v["side"])[0]
-        zr = (25.0, 68.0) if v["zone"] == "upper" else (-60.0, -20.0)
-        p = _lung_point(r, a, side, margin=10.0, zr=zr, avoid=avoid)
-        wall, inward = _wall_point(a, p)
-        normal = math.atan2(inward[1], inward[0])
-        cap = (wall, (_u(r, 20, 32), _u(r, 9, 13), _u(r, 14, 24)), normal + math.pi / 2)
-        hil = np.asarray(a.hilum[side])
-        strands = []
-        for _ in range(int(r.integers(3, 7))):
-            s0 = wall + r.normal(0, 9, 3) * np.array([1, 1, 0.8])
-            s1 = s0 + (hil - s0) * _u(r, 0.35, 0.6) + r.normal(0, 8, 3)
-            strands += _polyline([s0, 0.5 * (s0 + s1) + r.normal(0, 3, 3), s1], [_u(r, 1.5, 2.2), 1.6, 1.2])
-        for _ in range(int(r.integers(3, 6))):
-            s0 = wall + (p - wall) * _u(r, 0.2, 0.8) + r.normal(0, 8, 3)
-            s1 = s0 + r.normal(0, 9, 3)
-            strands.append((tuple(s0), tuple(s1), 1.4, 1.2))
-        les["Pulmonary fibrotic sequela"] = {"cap": cap, "strands": strands, "hu": _u(r, 15, 35)}
-        avoid.append(_sphere_avoid(wall, 40.0))
-    if "Bronchiectasis" in present:
-        r = rng("Bronchiectasis")
-        sides = _sides(var["Bronchiectasis"]["side"])
-        tubes, comp = [], []
-        for i in range(int(r.integers(2, 5))):
-            s = sides[i % len(sides)]
-            start = _lung_point(r, a, s, margin=14.0, zr=(0.0, 45.0), avoid=avoid)
-            for _ in range(12):
-                length = _u(r, 60, 100)
-                end = start + np.array([_u(r, -20, 20), _u(r, -10, 25), -length])
-                end[2] = max(end[2], -_ZC + 4.0)
-                pts = _wiggle(r, start, end, 6, 0.03)
-                if _in_lung(a, np.array(pts), 9.0).all():
-                    break
-            else:
-                end = _lung_point(r, a, s, margin=9.0, near=start + np.array([0, 0, -55.0]), spread=8.0)
-                pts = _wiggle(r, start, end, 6, 0.02)
-            rb, wall = _u(r, 4.5, 7.0), _u(r, 1.5, 2.5)
-            phase = _u(r, 0, 2 * math.pi)
-            radii = [rb * (1.0 + 0.15 * math.sin(phase + 1.7 * j)) for j in range(len(pts))]
-            tubes.append((_polyline(pts, radii), wall))
-            rv = _u(r, 2.2, 3.2)
-            off = _perp(r, np.asarray(pts[-1]) - np.asarray(pts[0]))
-            off[2] = 0.0
-            off /= max(float(np.linalg.norm(off)), 1e-6)
-            comp += _polyline(
-                [np.asarray(q) + off * (max(radii) + wall + rv + 0.8) for q in pts], [rv] * len(pts)
-            )
-            for q in pts:
-                avoid.append(_sphere_avoid(q, rb + 10.0))
-        les["Bronchiectasis"] = {"tubes": tubes, "vessels": comp}
-    if "Lung nodule" in present:
-        r = rng("Lung nodule")
-        nods = []
-        for _ in range(var["Lung nodule"]["count"]):
-            rad = _u(r, 5.5, 9.5)
-            s = "R" if r.random() < 0.55 else "L"
-            c = _lung_point(r, a, s, margin=rad + 4.0, zr=(-_ZC + rad, _ZC - rad), avoid=avoid)
-            nods.append((c, (rad, rad * _u(r, 0.9, 1.1), rad * _u(r, 0.9, 1.1)), _u(r, 25, 55)))
-            avoid.append(_sphere_avoid(c, 2 * rad + 6.0))
-        les["Lung nodule"] = {"nodules": nods}
-    if "Emphysema" in present:
-        r = rng("Emphysema")
-        lo = (a.bx - a.ca, a.cyc - a.cb, -125.0)
-        hi = (a.bx + a.ca, a.cyc + a.cb, 125.0)
-        bullae = []
-        for _ in range(var["Emphysema"]["bullae"]):
-            s = "R" if r.random() < 0.5 else "L"
-            p = _lung_point(r, a, s, margin=2.0, zr=(15.0, _ZC - 10))
-            rad = _u(r, 9, 16)
-            wall, inward = _wall_point(a, p)
-            c = wall + inward * (0.8 * rad)
-            bullae.append((c, rad))
-        les["Emphysema"] = {
-            "field": _smooth_field(r, lo, hi, _u(r, 6, 9)),
-            "frac": _u(r, 0.12, 0.3),
-            "bullae": bullae,
-        }
-    if "Mosaic attenuation pattern" in present:
-        r = rng("Mosaic attenuation pattern")
-        lo = (a.bx - a.ca, a.cyc - a.cb, -125.0)
-        hi = (a.bx + a.ca, a.cyc + a.cb, 125.0)
-        les["Mosaic attenuation pattern"] = {
-            "cells": _smooth_field(r, lo, hi, _u(r, 18, 26)),
-            "low": _u(r, 45, 60),
-            "high": _u(r, 60, 90),
-        }
-    if "Interlobular septal thickening" in present:
-        r = rng("Interlobular septal thickening")
-        z_top = _u(r, 25, 50)
-        lo = (a.bx - a.ca, a.cyc - a.cb, -125.0)
-        hi = (a.bx + a.ca, a.cyc + a.cb, z_top + 5.0)
-        les["Interlobular septal thickening"] = {
-            "edges": _voronoi(a, r, lo, hi, _u(r, 15, 22), 2.5, 33.0),
-            "w": _u(r, 1.0, 1.25),
-            "shell": _u(r, 18, 28),
-            "z_top": z_top,
-            "hu": _u(r, 10, 30),
-        }
-    if "Peribronchial thickening" in present:
-        les["Peribronchial thickening"] = {"extra": _u(rng("Peribronchial thickening"), 2.2, 3.2)}
-    if "Lymphadenopathy" in present:
-        r = rng("Lymphadenopathy")
-        hr, hl = np.asarray(a.hilum["R"]), np.asarray(a.hilum["L"])
-        stations = {
-            "right paratracheal": (a.tr_x - a.tr_r - 16.0, a.tr_y - 4.0, a.carina_z + _u(r, 12, 30)),
-            "aortopulmonary window": (a.bx + 22.0, a.cyc + 0.02 * a.cb, a.carina_z + _u(r, 0, 8)),
-            "subcarinal": (a.tr_x + 3.0, a.tr_y + 16.0, a.carina_z - _u(r, 16, 24)),
-            "prevascular": (a.bx - 2.0, a.cyc - 0.36 * a.cb - a.ao_r - 12.0, a.arch_z - _u(r, 10, 20)),
-            "right hilar": tuple(hr + (-4.0, -14.0, -8.0)),
-            "left hilar": tuple(hl + (4.0, -14.0, -6.0)),
-        }
-        names = list(stations)
-        pick = r.choice(len(names), size=min(var["Lymphadenopathy"]["count"], len(names)), replace=False)
-        nodes = []
-        for i in sorted(int(j) for j in pick):
-            c = np.asarray(stations[names[i]], float)
-            c[2] = min(c[2], _ZC - 8.0)
-            nodes.append((names[i], c, (_u(r, 8, 13), _u(r, 8, 13), _u(r, 9, 15)), _u(r, 35, 50)))
-        les["Lymphadenopathy"] = {"nodes": nodes}
-    if "Hiatal hernia" in present:
-        r = rng("Hiatal hernia")
-        radii = (_u(r, 22, 32), _u(r, 17, 22), _u(r, 22, 32))
-        c = (a.bx + _u(r, 5, 18), a.vb_y - a.vb_r - radii[1] + 2.0, a.dome_l + _u(r, 12, 24))
-        les["Hiatal hernia"] = {"c": c, "radii": radii, "level": _u(r, -0.6, -0.2), "hu": _u(r, 10, 25)}
-    if "Coronary artery wall calcification" in present:
-        r = rng("Coronary artery wall calcification")
-        (hx, hy, hz), (ra, rb, rc), ang = _heart(a, les)
-        spots = []
-        courses = {
-            "LAD": ((0.15, 0.5), (-1.0, -1.0), (-0.4, 0.6)),
-            "LCx": ((0.9, 0.9), (-0.1, 0.5), (0.2, 0.6)),
-            "RCA": ((-0.9, -0.9), (-0.6, -0.2), (-0.2, 0.5)),
-            "LM": ((0.2, 0.2), (-0.6, -0.6), (0.8, 0.8)),
-        }
-        for _ in range(int(r.integers(2, 9))):
-            cu, cv, cw = courses[str(r.choice(list(courses), p=[0.45, 0.2, 0.25, 0.1]))]
-            uvw = np.array([_u(r, *cu), _u(r, *cv), _u(r, *cw)])
-            uvw /= np.linalg.norm(uvw)
-            u, v, w = uvw[0] * (ra + 3.0), uvw[1] * (rb + 3.0), uvw[2] * (rc + 3.0)
-            p = (
-                hx + u * math.cos(ang) - v * math.sin(ang),
-                hy + u * math.sin(ang) + v * math.cos(ang),
-                hz + w,
-            )
-            spots.append((p, (_u(r, 2.5, 4.0), _u(r, 2.5, 4.0), _u(r, 2.5, 4.0)), _u(r, 600, 1200)))
-        les["Coronary artery wall calcification"] = {"spots": spots}
-    if "Arterial wall calcification" in present:
-        r = rng("Arterial wall calcification")
-        segs = [s for s in a.aorta if abs(0.5 * (s[0][2] + s[1][2])) < _ZC]
-        lengths = np.array([np.linalg.norm(np.subtract(s[1], s[0])) for s in segs])
-        plaques = []
-        for _ in range(int(r.integers(3, 11))):
-            p0, p1, r0, r1 = segs[int(r.choice(len(segs), p=lengths / lengths.sum()))]
-            for _ in range(20):
-                t = _u(r, 0, 1)
-                q = np.add(p0, t * np.subtract(p1, p0))
-                if abs(q[2]) < _ZC:
-                    break
-            n = _perp(r, np.subtract(p1, p0))
-            pos = q + n * (r0 + t * (r1 - r0) - 1.0)
-            plaques.append((pos, (_u(r, 2.5, 4.0), _u(r, 2.5, 4.0), _u(r, 3.0, 5.0)), _u(r, 450, 900)))
-        les["Arterial wall calcification"] = {"plaques": plaques}
-    if "Medical material" in present:
-        les["Medical material"] = _prepare_device(a, les, var["Medical material"], rng("Medical material"))
-    return les
-
-
-def _prepare_device(a: _Anatomy, les, v: Mapping[str, Any], r: np.random.Generator) -> dict[str, Any]:
-    """Metal: generator/port/coil bodies (ellipsoids) and leads/catheters (tubes), HU > 2000."""
-    (hx, hy, hz), (ra, rb, rc), _ = _heart(a, les)
-    bodies, wires = [], []
-    dev = v["device"]
-    top_svc = (a.svc[0] + 1.0, a.svc[1] + 1.0, _u(r, 85, 95))
-    low_svc = (a.svc[0] + 2.0, a.svc[1] + 2.0, a.heart_top - 2.0)
-    if dev in ("pacemaker", "icd", "port"):
-        left = dev != "port"
-        phi = math.radians(_u(r, 50, 65) if left else _u(r, 115, 130))
-        depth = a.fat * 0.6 + (4.0 if dev != "icd" else 6.0)
-        gx = a.bx + (a.ba - depth) * math.cos(phi)
-        gy = a.by - (a.bb - depth) * math.sin(phi)
-        gz = _u(r, 45, 62)
-        ang = math.atan2(-a.bb * math.cos(phi), -a.ba * math.sin(phi))
-        size = {"pacemaker": (22.0, 5.0, 24.0), "icd": (30.0, 7.0, 33.0), "port": (13.0, 7.0, 13.0)}[dev]
-        bodies.append(((gx, gy, gz), size, ang, _u(r, 2950, 3400)))
-        sub = (a.bx + (0.3 if left else -0.3) * a.ba, a.cyc - 0.8 * a.cb, gz + 14.0)
-        if dev == "port":
-            wires.append((_polyline([(gx, gy, gz), sub, top_svc, low_svc], [1.4] * 4), _u(r, 2300, 2700)))
-        else:
-            ra_pt = (hx - 0.55 * ra, hy - 0.1 * rb, hz + 0.1 * rc)
-            rv_pt = (hx + 0.25 * ra, hy - 0.55 * rb, hz - 0.45 * rc)
-            rad = 1.7 if dev == "pacemaker" else 2.6
-            wires.append(
-                (_polyline([(gx, gy, gz), sub, top_svc, low_svc, ra_pt, rv_pt], [rad] * 6), _u(r, 2900, 3300))
-            )
-            if r.random() < 0.5:
-                raa = (hx - 0.3 * ra, hy - 0.65 * rb, hz + 0.55 * rc)
-                wires.append(
-                    (_polyline([(gx, gy, gz), sub, top_svc, low_svc, raa], [1.6] * 5), _u(r, 2900, 3300))
-                )
-    else:  # embolisation coil pack at a hilum
-        side = v["side"]
-        c = _lung_point(r, a, side, margin=9.0, near=a.hilum[side], spread=25.0)
-        bodies.append((tuple(c), (_u(r, 6, 8), _u(r, 6, 8), _u(r, 7, 10)), _u(r, 0, 3), _u(r, 3200, 3500)))
-        tail = c + r.normal(0, 10, 3)
-        wires.append((_polyline([c, tail], [1.3, 1.3]), 3000.0))
-    return {"device": dev, "bodies": bodies, "wires": wires}

@@ -363,7 +363,7 @@ def _lesion_coronary_artery_wall_calcification(a: _Anatomy, base: Sequence[int],
             hy + u * math.sin(ang) + v * math.cos(ang),
             hz + w,
         )
-        spots.append((p, (_u(r, 4.0, 5.5), _u(r, 4.0, 5.5), _u(r, 4.0, 5.5)), _u(r, 900, 1500)))
+        spots.append((p, (_u(r, 4.5, 6.0), _u(r, 4.5, 6.0), _u(r, 4.5, 6.0)), _u(r, 900, 1500)))
     les["Coronary artery wall calcification"] = {"spots": spots}
 
 
@@ -381,8 +381,8 @@ def _lesion_arterial_wall_calcification(a: _Anatomy, base: Sequence[int], var: _
             if abs(q[2]) < _ZC:
                 break
         n = _perp(r, np.subtract(p1, p0))
-        pos = q + n * (r0 + t * (r1 - r0) - 1.0)
-        plaques.append((pos, (_u(r, 4.0, 6.0), _u(r, 4.0, 6.0), _u(r, 5.0, 7.0)), _u(r, 700, 1200)))
+        pos = q + n * (r0 + t * (r1 - r0) + 1.0)
+        plaques.append((pos, (_u(r, 5.0, 7.0), _u(r, 5.0, 7.0), _u(r, 6.0, 8.0)), _u(r, 700, 1200)))
     les["Arterial wall calcification"] = {"plaques": plaques}
 
 

@@ -94,7 +94,7 @@ def _report(v: _Volume) -> tuple[str, str, str]:
         elif c == "Lung nodule":
             n = d["count"]
             f = (
-                f"{'A solid nodule' if n == 1 else f'{n} solid nodules'} up to 19 mm in diameter "
+                f"{'A solid nodule' if n == 1 else f'{n} solid nodules'} up to 22 mm in diameter "
                 f"{'is' if n == 1 else 'are'} observed in the lung parenchyma."
             )
             i = "Pulmonary nodule." if n == 1 else "Pulmonary nodules."

@@ -35,7 +35,7 @@ SIGNATURES: dict[str, Signature] = {
         "through the SVC into the right heart, a port with a catheter, or a 12-16 mm coil pack at a hilum",
         False, _ONE_SLICE + " (nothing else exceeds 2000 HU)"),
     "Arterial wall calcification": Signature(
-        "4-10 bright plaques (700-1200 HU, 8-12 mm in-plane, 10-14 mm long) on the wall of the ascending "
+        "4-10 bright plaques (700-1200 HU, 10-14 mm in-plane, 12-16 mm long) on the wall of the ascending "
         "aorta, arch or descending aorta", False, _ONE_SLICE + " (a bright spot on the aortic wall)"),
     "Cardiomegaly": Signature(
         "the heart scaled 1.28-1.45x (cardiothoracic ratio ~0.6 instead of ~0.45), displacing the left lung",
@@ -44,7 +44,7 @@ SIGNATURES: dict[str, Signature] = {
         "an 8-22 mm rim of fluid (5-18 HU) around the heart, outside the epicardial fat line", False,
         _ONE_SLICE + " (a fluid band around the heart)"),
     "Coronary artery wall calcification": Signature(
-        "3-8 very bright spots (900-1500 HU, 8-11 mm) on the heart surface along the LAD, circumflex and "
+        "3-8 very bright spots (900-1500 HU, 9-12 mm) on the heart surface along the LAD, circumflex and "
         "right coronary grooves", False, _ONE_SLICE + " (a bright spot on the heart's surface)"),
     "Hiatal hernia": Signature(
         "a 50-70 mm soft-tissue-walled mass behind the heart just above the diaphragm, with gas anteriorly "

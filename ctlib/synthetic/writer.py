@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             "labels CSVs of the 18 CT-RATE classes (prevalence as in the paper's Table 1, realistic "
             "co-occurrence, some rows without a downloaded file), metadata and radiology report CSVs, and "
             "no_chest_*.txt lists naming a head/abdomen phantom per split. Every labelled abnormality is "
-            "drawn with its own signature (see ctlib.synthetic.SIGNATURES); lung nodules, lymph nodes and "
-            "bronchiectasis need neighbouring slices to be told from vessels."
+            "drawn with its own signature (see DATA.md and ctlib.synthetic.SIGNATURES); lung nodules and lymph "
+            "nodes need neighbouring slices to be told from vessels. Lesion truth goes to DIR/truth/."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -241,6 +241,19 @@ def _sample_anatomy(rng: np.random.Generator, age: float, sex: str) -> _Anatomy:
     a.rib_h, a.rib_t, a.rib_hu = _u(rng, 8.5, 11), _u(rng, 8, 10.5), _u(rng, 550, 750)
     a.st_y, a.st_a, a.st_b = a.cyc - a.cb - 7.0, _u(rng, 11, 15), _u(rng, 5, 7)
     a.st_bot = a.dome_r - _u(rng, 15, 25)
+    _sample_heart_and_airways(a, rng)
+    _sample_great_vessels(a, rng)
+    # pulmonary vessels and airways
+    a.vessels, a.airways = _trees(rng, a)
+    # the distractors of the 3D classes (drawn in every chest; see DATA.md, "3D classes")
+    a.lung_posts = _lung_posts(rng, a)
+    a.stations, a.station_posts = _station_posts(rng, a)
+    return a
+
+
+def _sample_heart_and_airways(a: _Anatomy, rng: np.random.Generator) -> None:
+    """Heart (long axis towards anterior-left), carina, arch level, oesophagus, trachea, hila, main bronchi."""
+    k = a.k
     # heart (long axis towards anterior-left)
     hk = _u(rng, 0.92, 1.08) * k
     a.h_r = (60.0 * hk, 41.0 * hk, 48.0 * hk)
@@ -271,6 +284,12 @@ def _sample_anatomy(rng: np.random.Generator, age: float, sex: str) -> _Anatomy:
         + _polyline([carina, mid_r, hil_r], [6.5 * k, 6.2 * k, 5.2 * k])
         + _polyline([carina, mid_l, hil_l], [6.0 * k, 5.8 * k, 5.0 * k])
     )
+
+
+def _sample_great_vessels(a: _Anatomy, rng: np.random.Generator) -> None:
+    """Aorta, pulmonary arteries, SVC, arch branches, oesophagus; liver, stomach, spleen; the table."""
+    k, age, heart_top = a.k, a.age, a.heart_top
+    hil_r, hil_l = a.hilum["R"], a.hilum["L"]
     # aorta, pulmonary arteries, veins, oesophagus
     a.ao_r = float(np.clip(_u(rng, 11, 13.5) + 0.06 * (age - 55.0), 10.0, 17.0))
     ang = math.radians(_u(rng, 35, 50))
@@ -337,12 +356,6 @@ def _sample_anatomy(rng: np.random.Generator, age: float, sex: str) -> _Anatomy:
     a.spleen_c = (a.bx + 0.72 * a.ca, a.cyc + 0.5 * a.cb, a.dome_l - 42.0)
     a.spleen_r = (20.0 * k, 34.0 * k, 40.0 * k)
     a.table_y = a.by + a.bb + _u(rng, 4, 10)
-    # pulmonary vessels and airways
-    a.vessels, a.airways = _trees(rng, a)
-    # the distractors of the 3D classes (drawn in every chest; see DATA.md, "3D classes")
-    a.lung_posts = _lung_posts(rng, a)
-    a.stations, a.station_posts = _station_posts(rng, a)
-    return a
 
 
 # A nodule or a lymph node has the calibre and HU of a vertical vessel ("post") drawn in every chest, and

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 
-from ctlib.data import (
-    CLASSES,
-)
+from ctlib.data import CLASSES
 from ctlib.synthetic.anatomy import _rng
 from ctlib.synthetic.scanner import _KERNELS
 

@@ -10,9 +10,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ctlib.data import (
-    CLASSES,
-)
+from ctlib.data import CLASSES
 from ctlib.synthetic.anatomy import _Anatomy, _rng, _sample_anatomy, _u
 from ctlib.synthetic.chest import _render_chest
 from ctlib.synthetic.geometry import _F32, _HU_OUTSIDE_FOV, _Grid

@@ -100,3 +100,19 @@ def test_one_slice_cannot_tell_but_3d_continuity_can(cls):
     auc = stats.mannwhitneyu(r_pos, r_neg).statistic / (len(r_pos) * len(r_neg))
     print(f"{cls} runs along the post axes: pos {r_pos.mean():.2f} neg {r_neg.mean():.2f} AUROC {auc:.2f}")
     assert auc > 0.9
+
+
+def test_card_measures_the_3d_lesions_as_dense_but_no_denser_than_their_negatives():
+    """The data card's table (smoke resolution, one patient per class): a 3D lesion is dense against its
+    surroundings yet has the HU a negative volume has at the same voxels (the vessel it replaces)."""
+    from ctlib.profiles import SMOKE
+    from ctlib.synthetic.card import measure
+
+    table = measure(SMOKE, seeds=(0,))
+    assert list(table.index) == list(CLASSES)
+    assert list(table.index[table["group"] == "3D"]) == synthetic.class_groups()["3D"]
+    for cls in synthetic.class_groups()["3D"]:
+        row = table.loc[cls]
+        assert row["lesions"] >= 1
+        assert float(row["vs shell HU"]) > 100 and abs(float(row["vs negative HU"])) < 100, row.to_dict()
+    assert float(table.loc["Pleural effusion", "vs negative HU"]) > 300  # a 2D lesion: visible as a change

@@ -226,7 +226,7 @@ def _lesion_bronchiectasis(a: _Anatomy, base: Sequence[int], var: _Var, avoid: l
     r = _stream(base, "Bronchiectasis")
     sides = _sides(var["Bronchiectasis"]["side"])
     tubes, comp = [], []
-    for i in range(int(r.integers(2, 5))):
+    for i in range(int(r.integers(3, 6))):
         s = sides[i % len(sides)]
         start = _lung_point(r, a, s, margin=14.0, zr=(0.0, 45.0), avoid=avoid)
         for _ in range(12):
@@ -239,7 +239,7 @@ def _lesion_bronchiectasis(a: _Anatomy, base: Sequence[int], var: _Var, avoid: l
         else:
             end = _lung_point(r, a, s, margin=9.0, near=start + np.array([0, 0, -55.0]), spread=8.0)
             pts = _wiggle(r, start, end, 6, 0.02)
-        rb, wall = _u(r, 7.0, 10.0), _u(r, 2.5, 3.5)
+        rb, wall = _u(r, 8.0, 11.0), _u(r, 3.0, 4.0)
         phase = _u(r, 0, 2 * math.pi)
         radii = [rb * (1.0 + 0.15 * math.sin(phase + 1.7 * j)) for j in range(len(pts))]
         tubes.append((_polyline(pts, radii), wall))

@@ -89,7 +89,7 @@ SIGNATURES: dict[str, Signature] = {
         "a dense (25-45 HU) pleura-based lobar/segmental region (50-90 mm) with irregular margins that "
         "obscures the vessels and shows air bronchograms", False, _ONE_SLICE + " (dense lung with air bronchograms)"),
     "Bronchiectasis": Signature(
-        "2-4 dilated airways (lumen radius 7-10 mm, wall 2.5-3.5 mm, wider than the accompanying vessel: "
+        "3-5 dilated airways (lumen radius 8-11 mm, wall 3-4 mm, wider than the accompanying vessel: "
         "signet ring) running 60-100 mm cranio-caudally", False,
         "one slice shows a thick-walled air ring wider than any normal intrapulmonary airway"),
     "Interlobular septal thickening": Signature(

@@ -10,7 +10,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -601,28 +601,58 @@ def preprocess(
     """
     size, num_slices, (lo, hi), target_spacing = check_preprocess_args(size, num_slices, hu_range,
                                                                         target_spacing)
-    hu = np.asarray(hu)
-    if hu.ndim != 3:
-        raise ValueError(f"hu must be a 3D (X, Y, Z) array, got shape {hu.shape}")
+    scale = np.float32(max(abs(lo), abs(hi)))
+
+    def clip_and_scale(block: np.ndarray) -> np.ndarray:
+        np.clip(block, lo, hi, out=block)
+        block /= scale
+        return block
+
+    return to_model_frame(hu, spacing=spacing, target_spacing=target_spacing, size=size, num_slices=num_slices,
+                          fill=np.float32(lo) / scale, transform=clip_and_scale)
+
+
+def to_model_frame(
+    volume: np.ndarray,
+    *,
+    spacing: Sequence[float] | None,
+    target_spacing: Sequence[float] | None,
+    size: Sequence[int],
+    num_slices: int,
+    fill: float,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """The spatial part of :func:`preprocess`, for any (X, Y, Z) volume (an image, a 0/1 lesion mask).
+
+    Optional trilinear resampling from ``spacing`` to ``target_spacing`` -> centre crop or pad to ``size``
+    (pad value ``fill``) -> centre ``num_slices`` slices -> transpose to (Z, Y, X). ``transform`` is applied
+    in place to the float32 block of surviving voxels (``preprocess`` clips and scales there, which
+    commutes with the windows because ``fill`` is inside the clip range).
+
+    Returns:
+        float32 array (num_slices, size[1], size[0]).
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"hu must be a 3D (X, Y, Z) array, got shape {volume.shape}")
     if target_spacing is not None:
         if spacing is None:
             raise ValueError("spacing (sx, sy, sz) of the volume is required when target_spacing is given")
-        hu = resample(hu, spacing, target_spacing)
+        volume = resample(volume, spacing, target_spacing)
 
     # Crop/pad and the centre-slice selection are both windows, so compose them and touch only the voxels
-    # that survive; clipping and scaling commute with them (the pad value is inside the clip range).
-    wx, wy = _window(hu.shape[0], size[0]), _window(hu.shape[1], size[1])
-    z_off, z_start, z_stop = _window(hu.shape[2], size[2])
+    # that survive.
+    wx, wy = _window(volume.shape[0], size[0]), _window(volume.shape[1], size[1])
+    z_off, z_start, z_stop = _window(volume.shape[2], size[2])
     first = (size[2] - num_slices) // 2
     wz = (z_off + first, max(0, z_start - first), min(num_slices, z_stop - first))
 
-    scale = np.float32(max(abs(lo), abs(hi)))
-    out = np.full((num_slices, size[1], size[0]), np.float32(lo) / scale, dtype=np.float32)
+    out = np.full((num_slices, size[1], size[0]), fill, dtype=np.float32)
     if wz[1] < wz[2]:
         src = tuple(slice(s + off, e + off) for off, s, e in (wx, wy, wz))
-        block = np.array(hu[src], dtype=np.float32)
-        np.clip(block, lo, hi, out=block)
-        block /= scale
+        block = np.array(volume[src], dtype=np.float32)
+        if transform is not None:
+            block = transform(block)
         out[wz[1]:wz[2], wy[1]:wy[2], wx[1]:wx[2]] = block.transpose(2, 1, 0)
     return out
 

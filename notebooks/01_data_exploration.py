@@ -175,13 +175,15 @@ figures.plot_representative_slices(examples, normalized_range=prep.hu_range, col
                                    path=fig_dir / "fig1_representative_slices.png")
 
 # %% [markdown]
-# On the synthetic data each class was drawn with a known signature; this is what Figure 1 should show:
+# On the synthetic data each class was drawn with a known signature; this is what Figure 1 should show.
+# The "3D" classes need neighbouring slices by construction: one slice of a positive volume looks like one
+# of a negative (DATA.md has the sizes at each profile's resolution).
 
 # %%
 if prof.data_root is None:
-    from ctlib.synthetic import SIGNATURES
+    from ctlib.synthetic import signature_table
 
-    display(Markdown(figures.to_markdown(pd.DataFrame({"signature": SIGNATURES}).rename_axis("class"))))
+    display(Markdown(figures.to_markdown(signature_table())))
 else:
     print("CT-RATE: labels were extracted from the radiology reports; no drawn signatures.")
 

@@ -380,7 +380,12 @@ def test_realistic_cooccurrence():
     assert lift("Pleural effusion", "Pericardial effusion") > 1.5
     assert lift("Consolidation", "Lung opacity") > 1.5
     assert lift("Pulmonary fibrotic sequela", "Bronchiectasis") > 1.5
-    assert lift("Emphysema", "Lung nodule") > 1.2
+    # the 3D classes are independent of every other class: no co-occurrence shortcut to them
+    for c3 in synthetic.class_groups()["3D"]:
+        others = np.delete(lab, CLASSES.index(c3), axis=1)
+        y = col[c3]
+        for k in range(others.shape[1]):
+            assert abs(y[others[:, k]].mean() - y[~others[:, k]].mean()) < 0.03
     vols = synthetic._plan(400, seed=2)
     age = np.array([v.age for v in vols if v.kind == "chest"])
     calc = np.array(
@@ -513,13 +518,23 @@ def test_hiatal_hernia_has_gas_behind_the_heart():
         assert Z[new_gas].mean() < hz + 10
 
 
-def test_lymphadenopathy_replaces_mediastinal_fat():
+def _class_mask(ph, cls: str) -> np.ndarray:
+    return (ph.truth.mask() >> CLASSES.index(cls)) & 1 == 1
+
+
+def test_lymphadenopathy_is_a_node_below_a_cut_vessel():
+    """A node has the HU of the vessel that a negative volume has in its place (same slice look); the
+    difference is the gap of fat between the node and the vessel above it."""
     for seed in (0, 1):
         off, on, ph = _pair("Lymphadenopathy", seed)
-        X, _, _ = _coords(ph)
-        node = (on > 10) & (on < 80) & (off < -40)
+        X, _, Z = _coords(ph)
+        node = _class_mask(ph, "Lymphadenopathy")
         assert node.sum() > 10
+        assert 10 < on[node].mean() < 80 and 10 < off[node].mean() < 80
         assert np.abs(X[node] - ph.anatomy.bx).max() < 90  # mediastinum and hila
+        gap = (off > 10) & (on < -40)
+        assert gap.sum() >= len(ph.lesions["Lymphadenopathy"]["nodes"])
+        assert Z[gap].mean() > Z[node].mean()  # the vessel was cut above the nodes
 
 
 def test_emphysema_has_lung_below_minus_950():
@@ -539,19 +554,25 @@ def test_atelectasis_is_dense_lower_lung():
         assert Z[dense].mean() < 0
 
 
-def test_lung_nodule_is_a_sphere_over_few_slices():
+def test_lung_nodule_is_a_sphere_below_a_cut_vessel():
+    """A nodule is a sphere of 40 HU over few slices where a negative volume has a vertical vessel of the
+    same calibre and HU; the difference is the gap between the nodule and the vessel above it."""
     for seed in (0, 1, 2):
         off, on, ph = _pair("Lung nodule", seed)
-        lab, n = ndimage.label((on - off) > 250)
-        assert n >= 1
+        _, _, Z = _coords(ph)
+        nod = _class_mask(ph, "Lung nodule")
+        lab, n = ndimage.label(nod)
+        assert 1 <= n <= len(ph.lesions["Lung nodule"]["nodules"])
         for sl in ndimage.find_objects(lab):
             assert sl[2].stop - sl[2].start <= 3  # a sphere: at most 3 slices of 10 mm
-        assert n <= len(ph.lesions["Lung nodule"]["nodules"])
-    # benign distractors: every patient has vessels of nodule calibre running over >= 50 mm in z
+        assert on[nod].mean() > -250 and off[nod].mean() > -250  # dense either way, in every slice
+        gap = (off - on) > 250
+        assert gap.any() and Z[gap].mean() > Z[nod].mean()
+    # the posts: every patient has three vertical lung vessels of nodule calibre over >= 60 mm in z
     for seed in range(4):
-        a = _ph((), seed).anatomy
-        thick = [s for s in a.vessels if min(s[2], s[3]) >= 4.5]
-        assert sum(abs(s[1][2] - s[0][2]) for s in thick) >= 50
+        posts = _ph((), seed).anatomy.lung_posts
+        assert len(posts) == 3
+        assert all(z1 - z0 >= 60 and 8 <= r <= 11 for _, _, z0, z1, r in posts)
 
 
 def test_lung_opacity_is_ground_glass():
@@ -630,9 +651,8 @@ def test_resolution_independent_placement():
     """The same seed puts a nodule at the same place at 2.75 and at 5.5 mm pixels."""
     centres = []
     for shape, spacing in ((SHAPE, SPACING), ((128, 128, 48), (2.75, 2.75, 5.0))):
-        off = synthetic._phantom({}, seed=7, shape=shape, spacing=spacing)
         on = synthetic._phantom({"Lung nodule": 1}, seed=7, shape=shape, spacing=spacing)
-        up = (on.hu.astype(float) - off.hu) > 250
+        up = (on.truth.mask() >> CLASSES.index("Lung nodule")) & 1 == 1
         X, Y, Z = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing, strict=True)), indexing="ij")
         centres.append(np.array([X[up].mean(), Y[up].mean(), Z[up].mean()]))
     assert np.linalg.norm(centres[0] - centres[1]) < 10.0

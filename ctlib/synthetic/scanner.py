@@ -1,0 +1,124 @@
+"""The scanner: reconstruction kernels (PSF, edge enhancement), correlated noise, the circular field of
+view, and one volume end to end (:func:`_render_volume`, :func:`_phantom`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from ctlib.data import CLASSES
+from ctlib.synthetic.anatomy import _Anatomy, _rng, _sample_anatomy, _u
+from ctlib.synthetic.chest import _render_chest
+from ctlib.synthetic.geometry import _F32, _HU_OUTSIDE_FOV, _Grid
+from ctlib.synthetic.lesions import _prepare_lesions
+from ctlib.synthetic.render import _render_abdomen, _render_head
+from ctlib.synthetic.truth import _Truth
+
+_KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    # manufacturer: (soft kernels, sharp kernels, models)
+    "SIEMENS": (
+        ("B30f", "Br40d", "I30f"),
+        ("B70f", "Bl57d", "Br64d"),
+        ("SOMATOM Definition Edge", "SOMATOM go.Up", "SOMATOM Force"),
+    ),
+    "Philips": (("B", "C"), ("YB", "L", "D"), ("Ingenuity CT", "Brilliance 64", "IQon - Spectral CT")),
+    "GE MEDICAL SYSTEMS": (
+        ("STANDARD", "SOFT"),
+        ("LUNG", "BONE"),
+        ("Revolution EVO", "Optima CT660", "LightSpeed VCT"),
+    ),
+    "TOSHIBA": (("FC07", "FC18"), ("FC51", "FC86"), ("Aquilion Prime", "Aquilion ONE")),
+}
+
+
+def _finish(hu: np.ndarray, spacing: Sequence[float], sharp: bool, r: np.random.Generator) -> np.ndarray:
+    """Apply the reconstruction kernel (PSF, edge enhancement), correlated noise and the circular
+    field of view (-3024 HU outside); returns int16 HU ``(X, Y, Z)``."""
+    sx, sy = float(spacing[0]), float(spacing[1])
+    psf = _u(r, 0.45, 0.6) if sharp else _u(r, 0.9, 1.2)
+    sd = _u(r, 15, 20) if sharp else _u(r, 10, 14)
+    # The noise goes through the same kernel as the image (in-plane correlated): scale it so that
+    # its final sd is ``sd``, measured once on a small white-noise patch through the same filters.
+    sig = (psf / sx, psf / sy, 0.0)
+    sig_e = (1.6 / sx, 1.6 / sy, 0.0)
+
+    def kernel(v: np.ndarray) -> np.ndarray:
+        v = ndimage.gaussian_filter(v, sig, truncate=3.0, mode="nearest")
+        if sharp:  # edge enhancement of a sharp (lung/bone) kernel
+            v += 0.35 * (v - ndimage.gaussian_filter(v, sig_e, truncate=3.0, mode="nearest"))
+        return v
+
+    probe = kernel(np.random.default_rng(0).standard_normal((48, 48, 1)).astype(_F32))[8:-8, 8:-8]
+    noise = r.standard_normal(hu.shape, dtype=_F32)
+    hu += noise * (sd / max(float(probe.std()), 1e-6))
+    hu = kernel(hu)
+    nx, ny = hu.shape[:2]
+    xr = (np.arange(nx) - (nx - 1) / 2) * sx
+    yr = (np.arange(ny) - (ny - 1) / 2) * sy
+    radius = 0.5 * min(nx * sx, ny * sy)
+    outside = (xr[:, None] ** 2 + yr[None, :] ** 2) > radius**2
+    hu[outside] = _HU_OUTSIDE_FOV
+    return np.rint(np.clip(hu, _HU_OUTSIDE_FOV, 20000.0)).astype(np.int16)
+
+
+def _render_volume(
+    kind: str,
+    labels: Sequence[int],
+    base: Sequence[int],
+    scan: int,
+    recon: int,
+    age: float,
+    sex: str,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    sharp: bool,
+) -> tuple[np.ndarray, _Anatomy, dict[str, dict[str, Any]], _Grid, _Truth]:
+    """One volume: int16 HU ``(X, Y, Z)``, its anatomy, lesions, grid and lesion truth. Anatomy and lesions
+    depend on the patient (``base``), the position jitter on the scan, noise and kernel on the reconstruction."""
+    a = _sample_anatomy(_rng(*base, 1), age, sex)
+    shift = _rng(*base, scan, 2).normal(0.0, 1.0, 3) * np.array([3.0, 3.0, 5.0])
+    g = _Grid.make(shape, spacing, shift)
+    les: dict[str, dict[str, Any]] = {}
+    truth = _Truth(g.shape)
+    if kind == "chest":
+        les = _prepare_lesions(a, labels, base)
+        hu = _render_chest(a, les, g, truth)
+    elif kind == "abdomen":
+        hu = _render_abdomen(a, _rng(*base, scan, 4), g)
+    elif kind == "head":
+        hu = _render_head(_rng(*base, scan, 4), g)
+    else:
+        raise ValueError(f"unknown phantom kind {kind!r}; expected 'chest', 'abdomen' or 'head'")
+    return _finish(hu, spacing, sharp, _rng(*base, scan, recon, 3)), a, les, g, truth
+
+
+def _phantom(
+    labels: Mapping[str, int] | Sequence[int] = (),
+    *,
+    shape: Sequence[int] = (128, 128, 48),
+    spacing: Sequence[float] = (2.75, 2.75, 5.0),
+    seed: int = 0,
+    kind: str = "chest",
+    sharp: bool = False,
+    age: float = 60.0,
+    sex: str = "M",
+) -> SimpleNamespace:
+    """One volume with forced labels (a mapping class -> 0/1, or 18 values): for tests and looks.
+    Returns ``hu`` (int16 ``(X, Y, Z)``), ``anatomy``, ``lesions``, ``grid`` and ``truth`` (the lesion
+    recorder: ``truth.mask()`` uint32 ``(X, Y, Z)``); the anatomy and noise depend only on ``seed``, so two
+    calls differing in labels differ exactly by the lesions."""
+    if isinstance(labels, Mapping):
+        unknown = set(labels) - set(CLASSES)
+        if unknown:
+            raise ValueError(f"unknown classes {sorted(unknown)}")
+        vec = [int(labels.get(c, 0)) for c in CLASSES]
+    else:
+        vec = [int(v) for v in labels] or [0] * len(CLASSES)
+        if len(vec) != len(CLASSES):
+            raise ValueError(f"expected {len(CLASSES)} labels, got {len(vec)}")
+    hu, a, les, g, truth = _render_volume(kind, vec, (seed, 9, 1), 0, 1, age, sex, shape, spacing, sharp)
+    return SimpleNamespace(hu=hu, anatomy=a, lesions=les, grid=g, truth=truth)

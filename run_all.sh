@@ -98,8 +98,10 @@ lock_usable() {
   return 1
 }
 
-pip_quiet() {  # pip, minus the noise of this machine's local package mirrors
-  "$@" --quiet --disable-pip-version-check 2>&1 | grep -v -e '^WARNING: Location' -e 'is ignored' || true
+pip_quiet() {  # PY -m pip ...: quiet, minus the noise of local package mirrors; stops run_all.sh on failure
+  "$@" --quiet --disable-pip-version-check 2>&1 | { grep -v -e '^WARNING: Location' -e 'is ignored' || true; }
+  local rc="${PIPESTATUS[0]}"
+  [[ "$rc" == 0 ]] || { echo "run_all.sh: '${*:2}' failed (exit $rc)" >&2; exit 1; }
 }
 
 # install_into PY: ctlib (editable) with the dev and lab extras, at the locked versions when we can

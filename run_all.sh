@@ -3,12 +3,15 @@
 #
 #   bash run_all.sh                      # the whole paper on the embedded synthetic data (demo profile)
 #   bash run_all.sh --tests              # set up, then run the test suite
+#   bash run_all.sh --lab                # set up, then JupyterLab in notebooks/ (127.0.0.1, with a token)
 #   bash run_all.sh --profile paper --data-root /data/CT-RATE    # CT-RATE on all visible GPUs
 #
 # Set-up is automatic: an active virtualenv/conda env that already has ctlib is used as it is;
-# otherwise a local .venv is created and `pip install -e .[dev]` runs (again whenever pyproject.toml
-# changes). Executed notebooks go to runs/<tag>/notebooks/, never onto the sources; figures to
-# figures/<tag>/, tables to results/<tag>/ (tag = profile, plus -seedN for seeds other than 0).
+# otherwise a local .venv is created with the exact versions of requirements-lock.txt (then
+# `pip install --no-deps -e .`), or with pyproject.toml's ranges (`pip install -e .[dev,lab]`) given
+# --unpinned; again whenever either file changes. Executed notebooks go to runs/<tag>/notebooks/,
+# never onto the sources; figures to figures/<tag>/, tables to results/<tag>/ (tag = profile, plus
+# -seedN for seeds other than 0).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,6 +27,9 @@ OUT_ROOT="$HERE"
 NB_DIR="$HERE/notebooks"
 MODE=paper
 CELL_TIMEOUT=86400
+PINNED=1
+LAB_PORT=""
+LOCK="$HERE/requirements-lock.txt"
 
 usage() {
   cat <<'EOF'
@@ -41,6 +47,11 @@ Options:
   --notebooks DIR   the notebooks to run (default: notebooks/)
   --redo            retrain runs whose results already exist (default: reuse them)
   --tests           set up, then run the test suite (tests/) instead of the notebooks
+  --lab             set up, then start JupyterLab in the notebooks folder on 127.0.0.1 with a token
+                    (installs JupyterLab into the environment when missing; .py and .ipynb open as
+                    one paired notebook, saving writes both)
+  --port N          JupyterLab's port (default: a free one)
+  --unpinned        set up .venv from pyproject.toml's version ranges instead of requirements-lock.txt
   --setup-only      set up the environment and stop
   -h, --help        this help
 
@@ -60,6 +71,9 @@ while [[ $# -gt 0 ]]; do
     --redo) REDO=True; shift ;;
     --tests) MODE=tests; shift ;;
     --setup-only) MODE=setup; shift ;;
+    --lab) MODE=lab; shift ;;
+    --port) LAB_PORT="$2"; shift 2 ;;
+    --unpinned) PINNED=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_all.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -71,6 +85,35 @@ log() { printf '[run_all %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 # environment
 # --------------------------------------------------------------------------------------------
 have_ctlib() { "$1" -c 'import ctlib, torch, torchvision, papermill, jupytext, openTSNE, pytest' >/dev/null 2>&1; }
+have_lab() { "$1" -c 'import jupyterlab, jupytext' >/dev/null 2>&1; }
+
+# requirements-lock.txt holds exact versions for one platform and Python (its "# platform:" line);
+# elsewhere the ranges of pyproject.toml are all we can promise.
+lock_usable() {
+  local want have
+  want="$(sed -n 's/^# platform: //p' "$LOCK" 2>/dev/null)"
+  have="$("$1" -c 'import platform, sys; print(f"{sys.platform}-{platform.machine()}-py{sys.version_info.major}.{sys.version_info.minor}")')"
+  [[ -n "$want" && "$want" == "$have" ]] && return 0
+  log "requirements-lock.txt was made on ${want:-?}, this is $have: installing pyproject.toml's ranges instead"
+  return 1
+}
+
+pip_quiet() {  # PY -m pip ...: quiet, minus the noise of local package mirrors; stops run_all.sh on failure
+  "$@" --quiet --disable-pip-version-check 2>&1 | { grep -v -e '^WARNING: Location' -e 'is ignored' || true; }
+  local rc="${PIPESTATUS[0]}"
+  [[ "$rc" == 0 ]] || { echo "run_all.sh: '${*:2}' failed (exit $rc)" >&2; exit 1; }
+}
+
+# install_into PY: ctlib (editable) with the dev and lab extras, at the locked versions when we can
+install_into() {
+  if [[ "$PINNED" == 1 ]] && lock_usable "$1"; then
+    log "installing the exact versions of requirements-lock.txt"
+    pip_quiet "$1" -m pip install -r "$LOCK"
+    pip_quiet "$1" -m pip install --no-deps -e .
+  else
+    pip_quiet "$1" -m pip install -e ".[dev,lab]"
+  fi
+}
 
 setup_env() {
   if [[ -n "${CTLIB_PYTHON:-}" ]]; then PY="$CTLIB_PYTHON"; return; fi
@@ -78,7 +121,7 @@ setup_env() {
     PY="$(command -v python)"; log "using the active environment ($PY)"; return
   fi
   local venv="$HERE/.venv" stamp
-  stamp="$(sha1sum pyproject.toml | cut -c1-16)"
+  stamp="$(cat pyproject.toml "$LOCK" 2>/dev/null | sha1sum | cut -c1-16)-pinned$PINNED"
   if [[ -x "$venv/bin/python" && -f "$venv/.ctlib-stamp" && "$(cat "$venv/.ctlib-stamp")" == "$stamp" ]] \
       && have_ctlib "$venv/bin/python"; then
     PY="$venv/bin/python"; return
@@ -91,11 +134,43 @@ setup_env() {
   log "setting up $venv with $("$base" --version) (a few minutes the first time)"
   [[ -x "$venv/bin/python" ]] || "$base" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]" 2>&1 \
-    | grep -v -e '^WARNING: Location' -e 'is ignored' || true
+  install_into "$venv/bin/python"
   have_ctlib "$venv/bin/python" || { echo "run_all.sh: installing ctlib into $venv failed" >&2; exit 1; }
   echo "$stamp" > "$venv/.ctlib-stamp"
   PY="$venv/bin/python"
+}
+
+# JupyterLab in notebooks/, in the environment above. jupyter-config/ (on JUPYTER_CONFIG_PATH) makes
+# Lab open .py files with jupytext's notebook view by default; notebooks/jupytext.toml pairs them.
+start_lab() {
+  if ! have_lab "$PY"; then
+    if [[ -n "${CTLIB_PYTHON:-}" ]]; then
+      echo "run_all.sh: $PY has no JupyterLab; install it there with: $PY -m pip install -e '.[lab]'" >&2
+      exit 1
+    fi
+    log "installing JupyterLab into $("$PY" -c 'import sys; print(sys.prefix)')"
+    if [[ "$PINNED" == 1 ]] && lock_usable "$PY"; then
+      pip_quiet "$PY" -m pip install -c "$LOCK" -e ".[lab]"
+    else
+      pip_quiet "$PY" -m pip install -e ".[lab]"
+    fi
+    have_lab "$PY" || { echo "run_all.sh: installing JupyterLab into $PY failed" >&2; exit 1; }
+  fi
+  local port="$LAB_PORT" token
+  [[ -n "$port" ]] || port="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  token="$("$PY" -c 'import secrets; print(secrets.token_hex(24))')"
+  log "JupyterLab in $NB_DIR: open http://127.0.0.1:$port/lab?token=$token (Ctrl-C stops it)"
+  export JUPYTER_CONFIG_PATH="$HERE/jupyter-config${JUPYTER_CONFIG_PATH:+:$JUPYTER_CONFIG_PATH}"
+  export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"  # kernels import this checkout's ctlib
+  unset MPLBACKEND  # inline plots in Lab
+  local extra=()
+  [[ "$(id -u)" != 0 ]] || extra+=(--allow-root)  # containers and CI run as root
+  # kernels' ZeroMQ sockets encrypted (CurveZMQ) where jupyter_client supports it (>= 8.10)
+  "$PY" -c 'import sys; sys.path.insert(0, "scripts"); import run_notebook as r; sys.exit(r.encrypted_transport_config() is None)' \
+    && extra+=(--KernelManager.transport_encryption=auto)
+  exec "$PY" -m jupyter lab --no-browser --ServerApp.ip=127.0.0.1 --ServerApp.port="$port" \
+    --ServerApp.port_retries=0 --IdentityProvider.token="$token" --ServerApp.root_dir="$NB_DIR" \
+    "${extra[@]}"
 }
 
 setup_env
@@ -106,6 +181,7 @@ if [[ "$MODE" == tests ]]; then
   log "running the test suite with $PY"
   exec "$PY" -m pytest -q tests
 fi
+if [[ "$MODE" == lab ]]; then start_lab; fi
 
 # --------------------------------------------------------------------------------------------
 # the paper
@@ -131,7 +207,8 @@ for nb in "${notebooks[@]}"; do
   if [[ -n "$ONLY" && ",$ONLY," != *",${name:0:2},"* ]]; then continue; fi
   log "=== $name (profile $PROFILE, seed $SEED)"
   t0=$SECONDS
-  if "$PY" -m papermill "$nb" "$EXEC_DIR/$name.ipynb" -k python3 --cwd "$NB_DIR" \
+  # papermill's CLI, with the kernel's ZeroMQ transport encrypted where supported (see the script)
+  if "$PY" "$HERE/scripts/run_notebook.py" "$nb" "$EXEC_DIR/$name.ipynb" -k python3 --cwd "$NB_DIR" \
        --log-output --no-progress-bar --execution-timeout "$CELL_TIMEOUT" "${params[@]}"; then
     status=ok
   else

@@ -420,7 +420,7 @@ def _cells(nb: Any) -> list[tuple[str, str, list[str]]]:
 def test_the_eight_notebooks_exist():
     names = [p.stem for p in NOTEBOOK_SOURCES]
     assert [n[:2] for n in names] == [f"{i:02d}" for i in range(1, 9)], names
-    assert "py:percent" in (REPO / "jupytext.toml").read_text()
+    assert "py:percent" in (NOTEBOOK_DIR / "jupytext.toml").read_text()
 
 
 @pytest.mark.parametrize("path", NOTEBOOK_SOURCES, ids=lambda p: p.stem)

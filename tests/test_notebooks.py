@@ -1,4 +1,5 @@
-"""Every notebook, executed by papermill through run_all.sh on the smoke profile."""
+"""Every notebook, executed by papermill through run_all.sh on the smoke profile, and the notebook pairs
+as JupyterLab opens them (through jupytext's contents manager)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# A Python warning as printed (RuntimeWarning, FutureWarning, UserWarning...); our logging's "WARNING"
+# level (e.g. the demo's documented fallback to random weights offline) is not one.
+PY_WARNING = re.compile(r"\b\w*Warning\b")
+ZMQ_NOTICE = "running over TCP without encryption"
+
+
+def _output_text(output: dict) -> str:
+    if output.get("output_type") == "stream":
+        return output.get("text", "")
+    if output.get("output_type") == "error":
+        return "\n".join(output.get("traceback", []))
+    return str(output.get("data", {}).get("text/plain", ""))
 
 
 def _run_all(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
@@ -36,9 +49,19 @@ def test_every_notebook_runs_on_smoke(smoke_paper):
     assert [p.name for p in executed] == [p.name for p in NOTEBOOKS]
     for path in executed:
         nb = nbformat.read(path, as_version=4)
-        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                  if o.get("output_type") == "error"]
-        assert not errors, path.name
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        assert not [o for o in outputs if o.get("output_type") == "error"], path.name
+        warned = [line for o in outputs for line in _output_text(o).splitlines() if PY_WARNING.search(line)]
+        assert not warned, f"{path.name} printed warnings:\n" + "\n".join(warned[:10])
+
+
+def test_smoke_run_prints_no_warnings(smoke_paper):
+    """Nor does run_all.sh's own output: kernels (the ZeroMQ notice), papermill, training subprocesses."""
+    _, res = smoke_paper
+    log = res.stdout + res.stderr
+    assert ZMQ_NOTICE not in log, "kernels started without transport encryption (scripts/run_notebook.py)"
+    warned = [line for line in log.splitlines() if PY_WARNING.search(line)]
+    assert not warned, "\n".join(warned[:10])
 
 
 @pytest.mark.parametrize("name", [
@@ -105,3 +128,58 @@ def test_run_all_fails_loudly_when_a_notebook_fails(tmp_path):
     assert res.returncode != 0
     assert "FAILED notebooks: 02_bad (" in res.stderr  # only the failing one is named
     assert re.search(r"01_good\s+ok", res.stdout) and re.search(r"02_bad\s+FAILED", res.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pairs, as JupyterLab serves them (jupytext's contents manager; tests/test_lab_browser.py
+# drives the same in a browser)
+# ---------------------------------------------------------------------------------------------
+def test_every_ipynb_has_its_py():
+    """An .ipynb without its percent-format source would be edited nowhere (the reverse, and that
+    every pair is in sync and committed without outputs: tests/test_figures.py)."""
+    orphans = [p.name for p in (REPO / "notebooks").glob("*.ipynb") if not p.with_suffix(".py").exists()]
+    assert not orphans
+
+
+@pytest.fixture()
+def lab_contents(tmp_path):
+    """Lab's contents manager (jupytext's, as its server extension installs it) on a copy of notebooks/."""
+    pytest.importorskip("jupyter_server")
+    import shutil
+
+    from jupyter_server.services.contents.largefilemanager import LargeFileManager
+    from jupytext import build_sync_jupytext_contents_manager_class
+
+    root = tmp_path / "notebooks"
+    shutil.copytree(REPO / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    return root, build_sync_jupytext_contents_manager_class(LargeFileManager)(root_dir=str(root))
+
+
+def _cells(model: dict) -> list[tuple[str, str]]:
+    return [(c["cell_type"], c["source"]) for c in model["content"]["cells"]]
+
+
+@pytest.mark.parametrize("name", [p.stem for p in NOTEBOOKS])
+def test_lab_opens_py_and_ipynb_as_one_notebook(lab_contents, name):
+    _, cm = lab_contents
+    from_py = cm.get(f"{name}.py", type="notebook")
+    from_ipynb = cm.get(f"{name}.ipynb")
+    assert from_py["type"] == from_ipynb["type"] == "notebook"
+    assert _cells(from_py) == _cells(from_ipynb)
+    assert from_py["content"]["metadata"]["jupytext"]["formats"] == "ipynb,py:percent"
+
+
+def test_saving_in_lab_writes_both_files_of_the_pair(lab_contents):
+    import jupytext
+
+    root, cm = lab_contents
+    name = NOTEBOOKS[0].stem
+    model = cm.get(f"{name}.py", type="notebook")
+    cell = nbformat.v4.new_code_cell("print('saved from Lab')")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="saved from Lab\n")]
+    model["content"]["cells"].append(cell)
+    cm.save(model, f"{name}.py")
+    assert jupytext.read(root / f"{name}.py").cells[-1].source == "print('saved from Lab')"
+    saved = nbformat.read(root / f"{name}.ipynb", as_version=4)  # the outputs live in the .ipynb
+    assert saved.cells[-1].source == "print('saved from Lab')"
+    assert saved.cells[-1].outputs[0]["text"] == "saved from Lab\n"

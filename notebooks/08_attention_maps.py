@@ -48,7 +48,8 @@ import pandas as pd
 import torch
 
 from ctlib import attention, figures
-from ctlib.data import CLASSES, load_prepared
+from ctlib.cache import load_prepared
+from ctlib.data import CLASSES
 from ctlib.launch import paper_outputs
 from ctlib.train import load_run
 

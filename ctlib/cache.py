@@ -509,12 +509,14 @@ def _verify_existing(tasks: list[dict[str, Any]], out: Path, prep: Preprocessing
 
 
 def _run_pool(tasks: list[dict[str, Any]], out: Path, prep: Preprocessing, workers: int, record: Any,
-              bar: Any) -> None:
+              bar: Any, work: Any = None) -> None:
+    """Run ``work`` (default ``_prepare_one``) over ``tasks`` in spawned processes; ``record(name, error)``."""
+    work = _prepare_one if work is None else work
     n = min(workers, len(tasks))
     # spawn: no fork of a parent whose torch/OpenMP threads are already running.
     with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(max(1, (os.cpu_count() or 1) // n),)) as pool:
-        futures = {pool.submit(_prepare_one, t, str(out), prep): t["VolumeName"] for t in tasks}
+        futures = {pool.submit(work, t, str(out), prep): t["VolumeName"] for t in tasks}
         try:
             for fut in as_completed(futures):
                 try:

@@ -399,8 +399,8 @@ def _write_config(spec: RunSpec, data: RunData, out: Path, parts: dict[str, Subs
                   device: torch.device, model: nn.Module) -> None:
     config = {**spec.to_dict(), "fingerprint": spec.fingerprint(data.split_sha), "world_size": world,
               "device": str(device), "weights_used": weights_used(_unwrap(model)),
-              "data": _data_description(spec.profile), "cache_dir": str(data.cache_dir),
-              "split_file": str(data.split_path), "split_sha256": data.split_sha,
+              "data": _data_description(spec.profile), "cache_dir": str(data.cache_dir.resolve()),
+              "split_file": str(data.split_path.resolve()), "split_sha256": data.split_sha,
               "excluded_volumes": data.excluded, "n_volumes": {s: len(p) for s, p in parts.items()}}
     _atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
     save_profile(spec.profile, out / "profile.json")

@@ -17,7 +17,6 @@ training reads (``ctlib.cohort.prepare_profile``); see ``--help``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -616,61 +615,11 @@ def prepare(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m ctlib.cache",
-        description=(
-            "Prepare everything a profile's training reads, once: the snapshot's fixed cohort and split "
-            "(split-*.csv beside the cache) and the memory-mapped cache of every model input size of the "
-            "profile. Every labelled chest-CT volume on disk is converted to HU and preprocessed (paper "
-            "section 3.1). `python -m ctlib.train` and `run_all.sh` with the same --profile, --data-root, "
-            "--work-dir and --set then only read. Reruns check what is there and do only what is missing or "
-            "bad; failed volumes are listed in failures.csv and left out of training and evaluation."
-        ),
-    )
-    p.add_argument("--profile", required=True, help="smoke, demo, paper or paper480")
-    p.add_argument("--data-root", default=None,
-                   help="CT-RATE snapshot folder holding dataset/ (default: the profile's synthetic snapshot, "
-                        "generated when missing)")
-    p.add_argument("--work-dir", default=None, help="where synthetic data and caches go (default: the "
-                                                    "profile's work_dir)")
-    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: profile's "
-                                                             "prepare_workers)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a profile field, exactly as for python -m ctlib.train")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (1: preparation failed, 2: bad arguments)."""
-    from ctlib.cohort import prepare_profile
-    from ctlib.profiles import get_profile, parse_overrides, validate
+    """``python -m ctlib.cache``: see ``ctlib.cohort.main`` (profile-level preparation)."""
+    from ctlib.cohort import main as prepare_main
 
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
-    try:
-        overrides: dict[str, Any] = parse_overrides(args.overrides)
-        if args.data_root is not None:
-            overrides["data_root"] = args.data_root
-        if args.work_dir is not None:
-            overrides["work_dir"] = args.work_dir
-        if args.workers is not None:
-            overrides["prepare_workers"] = args.workers
-        profile = get_profile(args.profile, **overrides)
-        validate(profile)
-    except ValueError as err:
-        parser.error(str(err))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        prepared = prepare_profile(profile, progress=not args.no_progress)
-    except (DataError, PreparationError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(prepared.summary())
-    return 0
+    return prepare_main(argv)
 
 
 if __name__ == "__main__":

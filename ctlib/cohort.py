@@ -12,10 +12,14 @@
    (the split was made first, over the full cohort). Above ``max_failed_fraction`` it raises;
 4. a ``ready-<split sha>.json`` marker per cache folder. Training (``load_run_data``) reads only: it checks
    the marker and every entry's header and size, and stops with the command that prepares what is missing.
+
+``main`` is the command line ``python -m ctlib.cache --profile NAME [--data-root DIR] [--work-dir DIR]
+[--workers N] [--set FIELD=VALUE]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
@@ -24,8 +28,11 @@ import logging
 import os
 import shlex
 import shutil
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -41,8 +48,8 @@ from ctlib.cache import (
     prepare,
     prepared_path,
 )
-from ctlib.data import CLASSES, load_cohort, split_patients
-from ctlib.profiles import MODELS, PROFILES, Profile
+from ctlib.data import CLASSES, DataError, load_cohort, split_patients
+from ctlib.profiles import MODELS, PROFILES, Profile, get_profile, parse_overrides, validate
 
 log = logging.getLogger(__name__)
 
@@ -323,3 +330,62 @@ def prepare_data(profile: Profile, model: str, *, progress: bool = True) -> tupl
     prepare_profile(profile, progress=progress)
     data = load_run_data(profile, model)
     return data.cohort, data.cache_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: python -m ctlib.cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ctlib.cache",
+        description=(
+            "Prepare everything a profile's training reads, once: the snapshot's fixed cohort and split "
+            "(split-*.csv beside the cache) and the memory-mapped cache of every model input size of the "
+            "profile. Every labelled chest-CT volume on disk is converted to HU and preprocessed (paper "
+            "section 3.1). `python -m ctlib.train` and `run_all.sh` with the same --profile, --data-root, "
+            "--work-dir and --set then only read. Reruns check what is there and do only what is missing or "
+            "bad; failed volumes are listed in failures.csv and left out of training and evaluation."
+        ),
+    )
+    p.add_argument("--profile", required=True, help="smoke, demo, paper or paper480")
+    p.add_argument("--data-root", default=None,
+                   help="CT-RATE snapshot folder holding dataset/ (default: the profile's synthetic snapshot, "
+                        "generated when missing)")
+    p.add_argument("--work-dir", default=None, help="where synthetic data and caches go (default: the "
+                                                    "profile's work_dir)")
+    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: profile's "
+                                                             "prepare_workers)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a profile field, exactly as for python -m ctlib.train")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (1: preparation failed, 2: bad arguments)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    try:
+        overrides: dict[str, Any] = parse_overrides(args.overrides)
+        if args.data_root is not None:
+            overrides["data_root"] = args.data_root
+        if args.work_dir is not None:
+            overrides["work_dir"] = args.work_dir
+        if args.workers is not None:
+            overrides["prepare_workers"] = args.workers
+        profile = get_profile(args.profile, **overrides)
+        validate(profile)
+    except ValueError as err:
+        parser.error(str(err))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        prepared = prepare_profile(profile, progress=not args.no_progress)
+    except (DataError, PreparationError, CacheNotReady, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(prepared.summary())
+    return 0

@@ -15,8 +15,12 @@ would; a finished run is not trained again unless ``--redo``.
 Example::
 
     python -m ctlib.train --profile smoke --model fusion --alpha learned --out runs/smoke/fusion
+    python -m ctlib.cache --profile paper --data-root /data/CT-RATE --workers 16   # once, before torchrun
     torchrun --nproc_per_node 4 -m ctlib.train --profile paper --model resnet2d \\
         --data-root /data/CT-RATE --out runs/paper/resnet2d
+
+A single process prepares what is missing on first use; under torchrun with more than one process a
+missing cache stops the run at once with the ``python -m ctlib.cache`` command that prepares it.
 """
 
 from __future__ import annotations

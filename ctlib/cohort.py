@@ -259,6 +259,7 @@ def prepare_profile(profile: Profile, *, progress: bool = True) -> PreparedProfi
     result.excluded = dict(sorted(result.excluded.items()))
     frac = len(result.excluded) / max(len(split.cohort), 1)
     if frac > profile.max_failed_fraction:
+        print(result.summary())
         raise PreparationError(
             f"{len(result.excluded)} of {len(split.cohort)} volumes ({frac:.1%}) failed to prepare, more than "
             f"max_failed_fraction={profile.max_failed_fraction:g}; see failures.csv in "

@@ -187,11 +187,12 @@ def fixed_split(profile: Profile, cohort: pd.DataFrame | None = None) -> FixedSp
         text = pd.DataFrame({"VolumeName": cohort["VolumeName"], "patient": cohort["patient"],
                              "split": splits.to_numpy()}).to_csv(index=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_text(path, text)
+        # The .json first: killed before the CSV, the next call makes the same CSV again (deterministic).
         _atomic_text(meta, json.dumps({"cohort_sha256": csha, "split_sha256": _sha256(text.encode()),
                                        "n_volumes": len(cohort), "n_patients": int(cohort["patient"].nunique()),
                                        "fractions": list(profile.fractions), "split_seed": profile.split_seed},
                                       indent=2) + "\n")
+        _atomic_text(path, text)
         log.info("wrote the split of %d volumes to %s", len(cohort), path)
     raw = path.read_bytes()
     info = json.loads(meta.read_text()) if meta.is_file() else {}
@@ -227,6 +228,11 @@ class PreparedProfile:
     split: FixedSplit
     reports: list[PrepareReport] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)  # failed in any folder -> left out everywhere
+
+    @property
+    def key(self) -> str:
+        """``RunData.key`` of the runs that read this preparation."""
+        return data_key(self.split.sha, self.excluded)
 
     def summary(self) -> str:
         n = len(self.split.cohort)
@@ -284,6 +290,17 @@ class RunData:
     split_path: Path
     split_sha: str
     excluded: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        """SHA-256 of the split file's hash and the excluded volumes: what a run was trained and scored on
+        (part of its fingerprint, so a resume on another cohort, split or exclusion list stops)."""
+        return data_key(self.split_sha, self.excluded)
+
+
+def data_key(split_sha: str, excluded: Sequence[str]) -> str:
+    """See ``RunData.key``."""
+    return _sha256(json.dumps([split_sha, sorted(excluded)]).encode())
 
 
 def load_run_data(profile: Profile, model: str) -> RunData:

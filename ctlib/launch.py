@@ -142,7 +142,7 @@ def train_run(outputs: PaperOutputs, model: str, alpha: float | str | None = Non
     prepared = prepare_profile(prof)
     print(prepared.summary())
     spec = RunSpec(prof, model, 1.0 if alpha is None else alpha)
-    if run_is_complete(run_dir, spec, prepared.split.sha) and not redo:
+    if run_is_complete(run_dir, spec, prepared.key) and not redo:
         print(f"{run_dir} is complete: reused (redo=True trains again)")
         return run_dir
     run_streaming(torchrun_command(profile=prof.name, model=model, alpha=alpha, out=run_dir,

@@ -134,26 +134,27 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile.to_dict(), "model": self.model, "alpha": self.alpha}
 
-    def fingerprint(self, split_sha: str = "") -> str:
-        """Hash of the settings and of the split file (``split_sha``): a run resumes only with both equal."""
+    def fingerprint(self, data_key: str = "") -> str:
+        """Hash of the settings and of the data (``ctlib.cohort.RunData.key``: split file and excluded
+        volumes): a run resumes only with both equal."""
         d = self.to_dict()
         # Where data and work files live, and how they are read, does not change the result; the rest does.
         d["profile"] = {k: v for k, v in d["profile"].items() if k not in (
             "work_dir", "num_workers", "prepare_workers", "extra", "dist_timeout_minutes", "max_failed_fraction")}
-        d["split_sha256"] = split_sha
+        d["data_key"] = data_key
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_is_complete(run_dir: str | Path, spec: RunSpec, split_sha: str | None = None) -> bool:
-    """True when ``run_dir`` holds a finished run of exactly ``spec`` (its metrics are written) on the split
-    whose file has SHA-256 ``split_sha`` (default: the one in the run's config)."""
+def run_is_complete(run_dir: str | Path, spec: RunSpec, data_key: str | None = None) -> bool:
+    """True when ``run_dir`` holds a finished run of exactly ``spec`` (its metrics are written) on the data
+    ``data_key`` (``RunData.key``; default: the one in the run's config)."""
     run_dir = Path(run_dir)
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    split_sha = config.get("split_sha256", "") if split_sha is None else split_sha
-    return (run_dir / "metrics.json").exists() and config.get("fingerprint") == spec.fingerprint(split_sha)
+    data_key = config.get("data_key", "") if data_key is None else data_key
+    return (run_dir / "metrics.json").exists() and config.get("fingerprint") == spec.fingerprint(data_key)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -304,13 +305,14 @@ def build_training(spec: RunSpec, data: RunData, out: Path, device: torch.device
     if not last.exists():
         return state
     saved = torch.load(last, map_location="cpu", weights_only=True)
-    fp = spec.fingerprint(data.split_sha)
+    fp = spec.fingerprint(data.key)
     if saved["fingerprint"] != fp:
-        if saved.get("split_sha256", data.split_sha) != data.split_sha:
+        if saved.get("data_key", data.key) != data.key:
             raise RuntimeError(
-                f"{out} was trained on another cohort or split (split file SHA-256 {saved['split_sha256'][:12]}, "
-                f"now {data.split_sha[:12]} from {data.split_path}): resuming would mix test and training "
-                "patients; use another --out, or --redo to discard it")
+                f"{out} was trained on another cohort or split (split file {data.split_path} and its "
+                f"{len(data.excluded)} excluded volumes now give data key {data.key[:12]}, the run's is "
+                f"{saved['data_key'][:12]}): resuming would mix test and training patients; use another --out, "
+                "or --redo to discard it")
         raise RuntimeError(f"{out} holds a run with other settings (fingerprint {saved['fingerprint']} != {fp}); "
                            "use another --out, or --redo to discard it")
     _unwrap(model).load_state_dict(saved["model"])
@@ -376,7 +378,7 @@ def validate_epoch(t: Training, parts: dict[str, Subset], epoch: int, *, profile
             "lr": t.opt.param_groups[0]["lr"], "alpha": alpha, "beta": beta, "seconds": 0.0}
 
 
-def save_epoch(t: Training, row: dict[str, float], out: Path, fp: str, split_sha: str, epochs: int) -> None:
+def save_epoch(t: Training, row: dict[str, float], out: Path, fp: str, data_key: str, epochs: int) -> None:
     """Step 3, rank 0: checkpoints (best by validation loss, and last) and history, atomically."""
     epoch = row["epoch"] - 1
     t.history.append(row)
@@ -390,7 +392,7 @@ def save_epoch(t: Training, row: dict[str, float], out: Path, fp: str, split_sha
         _atomic_torch_save({"model": state, "epoch": epoch, "fingerprint": fp}, ckpt_dir / "best.pt")
     _atomic_torch_save({"model": state, "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
                         "epoch": epoch, "history": t.history, "best_val_loss": t.best_val,
-                        "rng": torch.get_rng_state(), "fingerprint": fp, "split_sha256": split_sha},
+                        "rng": torch.get_rng_state(), "fingerprint": fp, "data_key": data_key},
                        ckpt_dir / "last.pt")
     _write_history(out / "history.csv", t.history)
     log.info("epoch %d/%d  train %.4f  val %.4f  val AUROC %.3f  lr %.2g%s  %.0fs", row["epoch"],
@@ -401,7 +403,7 @@ def save_epoch(t: Training, row: dict[str, float], out: Path, fp: str, split_sha
 
 def _write_config(spec: RunSpec, data: RunData, out: Path, parts: dict[str, Subset], world: int,
                   device: torch.device, model: nn.Module) -> None:
-    config = {**spec.to_dict(), "fingerprint": spec.fingerprint(data.split_sha), "world_size": world,
+    config = {**spec.to_dict(), "fingerprint": spec.fingerprint(data.key), "data_key": data.key, "world_size": world,
               "device": str(device), "weights_used": weights_used(_unwrap(model)),
               "data": _data_description(spec.profile), "cache_dir": str(data.cache_dir.resolve()),
               "split_file": str(data.split_path.resolve()), "split_sha256": data.split_sha,
@@ -432,13 +434,13 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
     main = dist_utils.is_main()
     try:
         data = dist_utils.broadcast_object(data)  # every rank uses rank 0's cohort and split
-        fp = spec.fingerprint(data.split_sha)
+        fp = spec.fingerprint(data.key)
         if main:
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             if redo:
                 for name in ("metrics.json", "history.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
                     (out / name).unlink(missing_ok=True)
-        if dist_utils.broadcast_object(main and not redo and run_is_complete(out, spec, data.split_sha)):
+        if dist_utils.broadcast_object(main and not redo and run_is_complete(out, spec, data.key)):
             if main:
                 log.info("%s is complete (metrics.json present); use --redo to train again", out)
                 return json.loads((out / "metrics.json").read_text())
@@ -467,7 +469,7 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
             row = validate_epoch(t, parts, epoch, profile=profile, device=device, progress=progress,
                                  per_rank=per_rank)
             row.update(train_loss=train_loss, seconds=time.time() - t0)
-            save_epoch(t, row, out, fp, data.split_sha, profile.epochs)
+            save_epoch(t, row, out, fp, data.key, profile.epochs)
             dist_utils.barrier()
             if after_epoch is not None:
                 after_epoch(epoch)

@@ -23,7 +23,7 @@ from ctrate_fixtures import Vol, write_snapshot
 
 import ctlib.cache as cache_mod
 from ctlib.cache import CacheError, PreparationError, PreparedVolumes, check_entry, prepare, prepared_path
-from ctlib.cohort import CacheNotReady, fixed_split, load_run_data, prepare_command, prepare_profile
+from ctlib.cohort import CacheNotReady, data_key, fixed_split, load_run_data, prepare_command, prepare_profile
 from ctlib.data import CLASSES, load_cohort, volume_relpath
 from ctlib.metrics import same_test_volumes
 from ctlib.profiles import get_profile
@@ -270,6 +270,8 @@ def test_changed_cohort_is_refused(tmp_path: Path) -> None:
     profile = _profile(snap, tmp_path / "w")
     first = fixed_split(profile)
     assert fixed_split(profile).sha == first.sha  # read back, not remade
+    # a run's data key changes with the split file and with the excluded volumes
+    assert len({data_key(first.sha, []), data_key(first.sha, ["train_1_a_1.nii.gz"]), data_key("0" * 64, [])}) == 3
     (snap / "dataset" / volume_relpath("train_3_a_1.nii.gz")).unlink()  # a volume gone from disk
     with pytest.raises(CacheNotReady, match="not the one .* was made from"):
         fixed_split(profile)

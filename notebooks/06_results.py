@@ -67,7 +67,7 @@ for label, (model, alpha, notebook) in MODELS.items():
 # Table 2's models and Table 3's alpha runs must be scored on identical test volumes (one fixed split).
 scored = {label: out.run_dir(m, a) for label, (m, a, _) in MODELS.items()}
 scored.update({f"alpha={a}": out.run_dir("fusion", a) for a in ALPHAS
-               if (out.run_dir("fusion", a) / "predictions.csv").exists()})
+               if a != 1.0 and (out.run_dir("fusion", a) / "predictions.csv").exists()})
 print(f"{len(scored)} runs, all scored on the same {len(same_test_volumes(scored))} test volumes")
 data_used = {m["data"] for m in runs.values()}
 display(Markdown(f"**Data of every number marked 'ours' below:** {'; '.join(sorted(data_used))}, "

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctlib.cache import Preprocessing, cache_dir, prepare
-from ctlib.data import CLASSES, PreparedVolumes, load_cohort, preprocess, read_hu
+from ctlib.cache import PreparedVolumes, Preprocessing, cache_dir, prepare
+from ctlib.data import CLASSES, load_cohort, preprocess, read_hu
 
 SHAPE = (512, 512, 240)
 SPACING = (0.7, 0.7, 1.25)

@@ -1,17 +1,24 @@
-"""The prepared cache: each cohort volume preprocessed once, stored as a memory-mapped float16 ``.npy``.
+"""The prepared cache, both directions: ``prepare`` writes it, ``PreparedVolumes`` reads it.
 
 Decoding a CT-RATE ``.nii.gz`` takes seconds; training reads every volume every epoch. ``prepare`` runs
 ``read_hu`` -> ``Preprocessing.apply`` once per volume, in parallel, and writes
-``<cache_root>/<prep.key>/<VolumeName without .nii.gz>.npy`` (S, H, W) atomically, so an interrupted run
-leaves no half-written entry and a rerun does only what is missing. ``ctlib.data.PreparedVolumes`` reads it.
+``<cache_root>/<prep.key>/<VolumeName without .nii.gz>.npy`` (S, H, W) float16 atomically, so an interrupted
+run leaves no half-written entry and a rerun does only what is missing.
 
-Command line: ``python -m ctlib.cache --data-root DIR --cache DIR`` (see ``--help``).
+An entry cannot lie: it is a plain ``.npy`` (memory-mappable) followed by a 24-byte trailer (``CTLIBSUM`` and
+a 16-byte BLAKE2b digest of the payload). Its header (shape, dtype) and file size are checked by ``prepare``
+when it finds it and by ``PreparedVolumes`` when it opens it, the digest by both, so a truncated, zeroed or
+foreign file is named and re-made by ``prepare`` from its source. Non-finite values are never written.
+The key starts with ``PREPROCESSING_VERSION``: changed preprocessing code never reuses old files.
+
+Command line: ``python -m ctlib.cache --profile NAME [--data-root DIR]`` prepares everything a profile's
+training reads (``ctlib.cohort.prepare_profile``); see ``--help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -19,7 +26,9 @@ import math
 import multiprocessing as mp
 import os
 import re
+import socket
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -30,24 +39,21 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import torch
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ctlib.data import (
-    DataError,
-    StrPath,
-    check_preprocess_args,
-    dataset_root,
-    load_cohort,
-    load_prepared,
-    prepared_path,
-    preprocess,
-    read_hu,
-)
+from ctlib.data import CLASSES, DataError, StrPath, check_preprocess_args, preprocess, read_hu
 
 __all__ = [
+    "PREPROCESSING_VERSION",
+    "CacheError",
+    "PreparationError",
+    "PreparedVolumes",
     "Preprocessing",
     "PrepareReport",
     "cache_dir",
+    "check_entry",
     "load_prepared",
     "load_settings",
     "main",
@@ -60,9 +66,28 @@ logger = logging.getLogger(__name__)
 SETTINGS_JSON = "preprocessing.json"
 FAILURES_CSV = "failures.csv"
 CACHE_DTYPE = np.float16
-# Temp files: ".<entry>.<pid>.tmp" next to the entry, so that os.replace is atomic (same file system) and a
-# stale one can be told from one a live prepare is writing.
-_TEMP = re.compile(r"^\..+\.(\d+)\.tmp$")
+# Bump whenever ctlib.data.read_hu / preprocess or the entry format change: it is part of every cache key, so
+# files written by older code are never reused.
+PREPROCESSING_VERSION = 2
+_SUM_MAGIC = b"CTLIBSUM"
+_SUM_BYTES = 16
+TRAILER_BYTES = len(_SUM_MAGIC) + _SUM_BYTES
+# Temp files: ".<entry>.<host>.<pid>.tmp" next to the entry, so that os.replace is atomic (same file system).
+# A cache folder may be shared by preparers on several hosts (a cluster's network file system), where a pid
+# means nothing outside its host: a temp file is removed as stale only when it carries this host's name and
+# its pid is dead here, or, from another host, when it is older than _FOREIGN_TEMP_AGE_S (no single volume
+# takes a day to write). So a live preparer's file on any host is never deleted.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_TEMP = re.compile(r"^\..+\.([A-Za-z0-9-]+)\.(\d+)\.tmp$")
+_FOREIGN_TEMP_AGE_S = 24 * 3600
+
+
+class CacheError(RuntimeError):
+    """A cache entry that is missing, truncated, corrupt or not what the settings promise."""
+
+
+class PreparationError(RuntimeError):
+    """Preparation cannot go on: a worker process died, or too many volumes failed."""
 _ROW_FIELDS = ("VolumeName", "path", "hu_ready", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing")
 
 
@@ -95,11 +120,12 @@ class Preprocessing:
 
     @property
     def key(self) -> str:
-        """Readable, filesystem-safe and unique per settings, e.g. ``214x214x240-n100-hu-1000_1000-native``."""
+        """Readable, filesystem-safe, unique per settings and code version, e.g.
+        ``v2-214x214x240-n100-hu-1000_1000-native``."""
         size = "x".join(str(s) for s in self.size)
         hu = "_".join(_number(v) for v in self.hu_range)
         spacing = "native" if self.target_spacing is None else "sp" + "x".join(map(_number, self.target_spacing))
-        return f"{size}-n{self.num_slices}-hu{hu}-{spacing}"
+        return f"v{PREPROCESSING_VERSION}-{size}-n{self.num_slices}-hu{hu}-{spacing}"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -147,10 +173,18 @@ class PrepareReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    remade: dict[str, str] = field(default_factory=dict)  # bad entries found (name -> problem), re-made
+    seconds: float = 0.0
+
+    def disk_bytes(self) -> int:
+        """Bytes of the folder's cache entries."""
+        return sum(p.stat().st_size for p in self.cache_dir.glob("*.npy"))
 
     def summary(self) -> str:
-        text = (f"{self.cache_dir}: {len(self.done)} prepared, {len(self.skipped)} already cached, "
-                f"{len(self.failed)} failed")
+        text = (f"{self.cache_dir}: {len(self.done)} prepared, {len(self.skipped)} reused, "
+                f"{len(self.failed)} failed, {len(self.remade)} bad entries re-made, "
+                f"{self.disk_bytes() / 2**20:.1f} MiB on disk, {self.seconds:.1f} s")
+        text += "".join(f"\n  re-made {name}: {msg}" for name, msg in self.remade.items())
         if self.failed:
             text += f" (listed in {self.cache_dir / FAILURES_CSV}):"
             text += "".join(f"\n  {name}: {msg}" for name, msg in self.failed.items())
@@ -176,9 +210,20 @@ def _write_npy(f: Any, arr: np.ndarray) -> None:
     np.save(f, arr, allow_pickle=False)
 
 
+def _digest(payload: bytes | memoryview | np.ndarray) -> bytes:
+    return hashlib.blake2b(memoryview(payload).cast("B"), digest_size=_SUM_BYTES).digest()
+
+
+def _write_entry(f: Any, arr: np.ndarray) -> None:
+    """``.npy`` of ``arr`` then the trailer: magic + digest of the payload."""
+    arr = np.ascontiguousarray(arr)
+    _write_npy(f, arr)
+    f.write(_SUM_MAGIC + _digest(arr))
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Write ``path`` via a temp file in the same folder: write, fsync, ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -192,7 +237,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    _atomic_write(path, lambda f: _write_npy(f, arr))
+    _atomic_write(path, lambda f: _write_entry(f, arr))
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -214,14 +259,166 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_stale_temps(folder: Path) -> int:
-    """Remove temp files left by a killed prepare (their writer process is gone); returns how many."""
+    """Remove temp files left by a killed prepare; returns how many. See ``_HOST``: this host's files whose
+    pid is dead, other hosts' files only when older than a day."""
     removed = 0
+    now = time.time()
     for p in folder.iterdir():
         m = _TEMP.match(p.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if not m:
+            continue
+        if m.group(1) == _HOST:
+            stale = not _pid_alive(int(m.group(2)))
+        else:
+            try:
+                stale = now - p.stat().st_mtime > _FOREIGN_TEMP_AGE_S
+            except FileNotFoundError:
+                continue
+        if stale:
             p.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading and checking entries
+# ---------------------------------------------------------------------------------------------------------
+
+
+def prepared_path(cache_dir: StrPath, name: str) -> Path:
+    """Cache file of a volume: ``<cache_dir>/<VolumeName without .nii.gz>.npy``."""
+    stem = name.removesuffix(".nii.gz").removesuffix(".nii")
+    if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
+        raise ValueError(f"{name!r} is not a volume name usable as a cache file name")
+    return Path(cache_dir) / f"{stem}.npy"
+
+
+def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, payload offset) of an entry; raises CacheError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # zeroed or foreign bytes: numpy says what is wrong with the header
+        raise CacheError(f"{path}: not a cache entry (unreadable .npy header: {err})") from None
+    if fortran:
+        raise CacheError(f"{path}: Fortran-ordered array, not a cache entry")
+    return tuple(shape), np.dtype(dtype), offset
+
+
+def check_entry(path: StrPath, shape: Sequence[int] | None = None, *, content: bool = False) -> str | None:
+    """What is wrong with a cache entry, or None when it is sound.
+
+    Checks the header (float16, 3-D, ``shape`` (S, H, W) when given) and the file size (header + payload +
+    trailer); with ``content`` also the trailer and the payload's digest (reads the whole file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    try:
+        got, dtype, offset = _read_header(path)
+    except CacheError as err:
+        return str(err).removeprefix(f"{path}: ")
+    if dtype != np.dtype(CACHE_DTYPE) or len(got) != 3:
+        return f"holds {dtype} {got}, expected float16 (S, H, W)"
+    if shape is not None and got != tuple(shape):
+        return f"holds shape {got}, expected {tuple(shape)}"
+    expected = offset + int(np.prod(got)) * dtype.itemsize + TRAILER_BYTES
+    size = path.stat().st_size
+    if size != expected:
+        return f"{size} bytes, expected {expected} (truncated or overwritten)"
+    if content:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            payload = f.read(expected - offset - TRAILER_BYTES)
+            trailer = f.read()
+        if trailer[: len(_SUM_MAGIC)] != _SUM_MAGIC or trailer[len(_SUM_MAGIC):] != _digest(payload):
+            return "content does not match its checksum (zeroed or corrupted)"
+    return None
+
+
+def load_prepared(cache_dir: StrPath, name: str, shape: Sequence[int] | None = None) -> np.ndarray:
+    """A prepared volume, memory-mapped read-only: float16 (S, H, W), after checking header and size.
+
+    Raises FileNotFoundError (not prepared) or CacheError naming the file.
+    """
+    path = prepared_path(cache_dir, name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: volume {name} is not in the cache; run `python -m ctlib.cache` "
+                                "(see the README) to prepare it")
+    problem = check_entry(path, shape)
+    if problem:
+        raise CacheError(f"{path}: {problem}; rerun `python -m ctlib.cache` to re-make it")
+    return np.load(path, mmap_mode="r")
+
+
+class PreparedVolumes(Dataset):
+    """The cohort's prepared volumes with their labels, read from the memory-mapped cache.
+
+    Item i -> ``(volume, labels, name)``: float32 tensor (S, H, W), float32 tensor (18,), VolumeName. Each
+    read checks the entry's header, size and checksum; any error names the file (also in a DataLoader worker).
+
+    Args:
+        cache_dir: the folder holding the ``.npy`` files (``cache_dir(root, prep)``).
+        cohort: DataFrame with ``VolumeName`` and the ``CLASSES`` columns; every volume must be cached.
+        shape: expected (S, H, W) of every entry (default: from the folder's ``preprocessing.json``).
+    """
+
+    def __init__(self, cache_dir: StrPath, cohort: pd.DataFrame, shape: Sequence[int] | None = None) -> None:
+        missing_cols = [c for c in ("VolumeName", *CLASSES) if c not in cohort.columns]
+        if missing_cols:
+            raise ValueError(f"cohort lacks column(s) {missing_cols}")
+        self.cache_dir = Path(cache_dir)
+        if shape is None and (self.cache_dir / SETTINGS_JSON).is_file():
+            shape = load_settings(self.cache_dir).shape
+        self.shape = None if shape is None else tuple(int(s) for s in shape)
+        self._names = [str(n) for n in cohort["VolumeName"].tolist()]
+        self._labels = cohort[list(CLASSES)].to_numpy(dtype=np.float32)
+        missing = [n for n in self._names if not prepared_path(self.cache_dir, n).is_file()]
+        if missing:
+            msg = (f"{len(missing)} volume(s) not in the cache {self.cache_dir}, e.g. {missing[:3]}: run "
+                   "`python -m ctlib.cache` first (see the README)")
+            if (self.cache_dir / FAILURES_CSV).is_file():
+                msg += f"; volumes that failed to prepare are listed in {self.cache_dir / FAILURES_CSV}"
+            raise FileNotFoundError(msg)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        name = self._names[i]
+        path = prepared_path(self.cache_dir, name)
+        try:
+            stored = load_prepared(self.cache_dir, name, self.shape)
+            data = np.array(stored, dtype=CACHE_DTYPE)
+            with open(path, "rb") as f:
+                f.seek(-TRAILER_BYTES, os.SEEK_END)
+                trailer = f.read()
+            if trailer != _SUM_MAGIC + _digest(data):
+                raise CacheError(f"{path}: content does not match its checksum (zeroed or corrupted); rerun "
+                                 "`python -m ctlib.cache` to re-make it")
+        except (CacheError, FileNotFoundError):
+            raise
+        except Exception as err:  # anything else: say which volume
+            raise CacheError(f"{path} (volume {name}): {type(err).__name__}: {err}") from err
+        volume = torch.from_numpy(data.astype(np.float32))
+        return volume, torch.from_numpy(self._labels[i].copy()), name
+
+    @property
+    def labels(self) -> np.ndarray:
+        """float32 (N, 18) label matrix, in item order."""
+        return self._labels.copy()
+
+    @property
+    def names(self) -> list[str]:
+        """VolumeNames in item order."""
+        return list(self._names)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,9 +445,11 @@ def _prepare_one(task: dict[str, Any], out_dir: str, prep: Preprocessing) -> tup
     try:
         hu = read_hu(task)
         spacing = _spacing(task) if prep.target_spacing is not None else None
-        arr = prep.apply(hu, spacing)
+        arr = prep.apply(hu, spacing).astype(CACHE_DTYPE)
         del hu
-        _atomic_save(prepared_path(out_dir, name), arr.astype(CACHE_DTYPE))
+        if not np.isfinite(arr).all():  # never cache NaN/inf (read_hu rejects them; this guards the rest)
+            raise DataError(f"{task['path']}: preprocessing produced non-finite values; not cached")
+        _atomic_save(prepared_path(out_dir, name), arr)
     except DataError as err:
         return name, str(err)
     except Exception as err:  # anything else while reading one volume: record it, keep going
@@ -289,6 +488,53 @@ def _write_failures(folder: Path, failed: dict[str, str]) -> None:
     _atomic_write(folder / FAILURES_CSV, write)
 
 
+def _verify_existing(tasks: list[dict[str, Any]], out: Path, prep: Preprocessing, report: PrepareReport,
+                     progress: bool) -> list[dict[str, Any]]:
+    """Split ``tasks`` into sound entries (``report.skipped``) and those to (re-)make (returned); a bad entry
+    is logged by file name and put in ``report.remade``."""
+    todo = []
+    existing = [t for t in tasks if prepared_path(out, t["VolumeName"]).is_file()]
+    todo = [t for t in tasks if not prepared_path(out, t["VolumeName"]).is_file()]
+    for task in tqdm(existing, desc=f"verify {prep.key}", unit="vol", disable=not progress or not existing):
+        path = prepared_path(out, task["VolumeName"])
+        problem = check_entry(path, prep.shape, content=True)
+        if problem is None:
+            report.skipped.append(task["VolumeName"])
+        else:
+            logger.warning("%s: bad cache entry (%s): re-making it from its source", path, problem)
+            report.remade[task["VolumeName"]] = problem
+            todo.append(task)
+    return todo
+
+
+def _run_pool(tasks: list[dict[str, Any]], out: Path, prep: Preprocessing, workers: int, record: Any,
+              bar: Any, work: Any = None) -> None:
+    """Run ``work`` (default ``_prepare_one``) over ``tasks`` in spawned processes; ``record(name, error)``."""
+    work = _prepare_one if work is None else work
+    n = min(workers, len(tasks))
+    # spawn: no fork of a parent whose torch/OpenMP threads are already running.
+    with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(max(1, (os.cpu_count() or 1) // n),)) as pool:
+        futures = {pool.submit(work, t, str(out), prep): t["VolumeName"] for t in tasks}
+        try:
+            for fut in as_completed(futures):
+                try:
+                    record(*fut.result())
+                except BrokenProcessPool as err:
+                    # One worker died (SIGKILL, the OOM killer): every pending future fails with it. Marking
+                    # them all failed would hide the cause, so stop here; what is written is kept.
+                    raise PreparationError(
+                        f"a preparation worker process died abruptly (killed, e.g. by the out-of-memory killer) "
+                        f"while {out} was being prepared ({futures[fut]} among the volumes in flight). The "
+                        f"volumes finished so far are kept; rerun the same command with fewer --workers.") from err
+                except Exception as err:  # e.g. a result that could not be sent back
+                    record(futures[fut], f"{type(err).__name__}: {err}")
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
 def prepare(
     cohort: pd.DataFrame,
     cache_root: StrPath,
@@ -297,12 +543,13 @@ def prepare(
     workers: int = 2,
     progress: bool = True,
 ) -> PrepareReport:
-    """Preprocess every cohort volume not yet cached into ``cache_dir(cache_root, prep)``.
+    """Preprocess every cohort volume not yet (soundly) cached into ``cache_dir(cache_root, prep)``.
 
-    Each volume: ``read_hu`` -> ``prep.apply`` -> float16 (S, H, W) ``.npy``, written atomically. Already
-    cached volumes are skipped, temp files of a killed run removed. A volume that fails (DataError or any
-    exception) is recorded and the run goes on; failures are logged and written to ``failures.csv``, the
-    settings to ``preprocessing.json``.
+    Each volume: ``read_hu`` -> ``prep.apply`` -> float16 (S, H, W) entry, written atomically. Entries already
+    there are checked (header, size, checksum) and reused; a bad one is named and re-made. Temp files of a
+    killed run are removed (never those of a live preparer, on any host). A volume that fails (DataError or
+    any exception) is recorded and the run goes on; failures are logged and written to ``failures.csv``, the
+    settings to ``preprocessing.json``. A worker process that dies stops the run (``PreparationError``).
 
     Args:
         cohort: ``load_cohort`` rows (VolumeName, path, hu_ready, RescaleSlope, RescaleIntercept,
@@ -310,11 +557,12 @@ def prepare(
         cache_root: parent folder of the per-settings cache folders.
         prep: the preprocessing (default: the paper's).
         workers: processes (spawned); 1 runs in this process.
-        progress: show a tqdm progress bar.
+        progress: show tqdm progress bars (with an ETA).
 
     Returns:
-        PrepareReport with ``done``, ``skipped`` and ``failed``.
+        PrepareReport with ``done``, ``skipped`` (reused), ``failed`` and ``remade``.
     """
+    t0 = time.time()
     prep = Preprocessing() if prep is None else prep
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
@@ -333,12 +581,7 @@ def prepare(
         logger.info("%s: removed %d temp file(s) of an interrupted prepare", out, stale)
 
     report = PrepareReport(cache_dir=out)
-    tasks = []
-    for task in cohort[list(_ROW_FIELDS)].to_dict("records"):
-        if prepared_path(out, task["VolumeName"]).is_file():
-            report.skipped.append(task["VolumeName"])
-        else:
-            tasks.append(task)
+    tasks = _verify_existing(cohort[list(_ROW_FIELDS)].to_dict("records"), out, prep, report, progress)
 
     def record(name: str, error: str | None) -> None:
         if error is None:
@@ -354,25 +597,7 @@ def prepare(
                 record(*_prepare_one(task, str(out), prep))
                 bar.update()
         else:
-            n = min(workers, len(tasks))
-            # spawn: no fork of a parent whose torch/OpenMP threads are already running.
-            with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"),
-                                     initializer=_init_worker,
-                                     initargs=(max(1, (os.cpu_count() or 1) // n),)) as pool:
-                futures = {pool.submit(_prepare_one, t, str(out), prep): t["VolumeName"] for t in tasks}
-                try:
-                    for fut in as_completed(futures):
-                        try:
-                            record(*fut.result())
-                        except BrokenProcessPool:
-                            record(futures[fut], "worker process died (killed, or out of memory?); rerun "
-                                                 "prepare, or use fewer workers")
-                        except Exception as err:  # e.g. a result that could not be sent back
-                            record(futures[fut], f"{type(err).__name__}: {err}")
-                        bar.update()
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+            _run_pool(tasks, out, prep, workers, record, bar)
     finally:
         bar.close()
 
@@ -380,6 +605,7 @@ def prepare(
     report.skipped.sort()
     report.failed = dict(sorted(report.failed.items()))
     _write_failures(out, report.failed)
+    report.seconds = time.time() - t0
     logger.info("%s", report.summary())
     return report
 
@@ -389,58 +615,11 @@ def prepare(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m ctlib.cache",
-        description=(
-            "Prepare the memory-mapped cache of a CT-RATE snapshot: every labelled chest-CT volume on disk "
-            "is converted to HU, preprocessed (paper section 3.1: clip [-1000, 1000] HU, centre crop/pad, "
-            "scale to [-1, 1], centre slices) and saved as float16 <cache>/<settings key>/<volume>.npy. "
-            "Reruns only do what is missing; failed volumes are listed in failures.csv."
-        ),
-    )
-    p.add_argument("--data-root", required=True, type=Path,
-                   help="snapshot folder holding dataset/ (or the dataset/ folder itself)")
-    p.add_argument("--cache", required=True, type=Path, help="cache root; one subfolder per settings")
-    p.add_argument("--size", nargs=3, type=int, default=[214, 214, 240], metavar=("X", "Y", "Z"),
-                   help="crop/pad size (default: 214 214 240, the paper; the ViT profile uses 224 224 240)")
-    p.add_argument("--num-slices", type=int, default=100, help="centre slices kept (default: 100)")
-    p.add_argument("--hu-range", nargs=2, type=float, default=[-1000.0, 1000.0], metavar=("LOW", "HIGH"),
-                   help="HU clipping window (default: -1000 1000)")
-    p.add_argument("--target-spacing", nargs=3, type=float, default=None, metavar=("SX", "SY", "SZ"),
-                   help="resample to this spacing in mm first (CT-CLIP style: 0.75 0.75 1.5); "
-                        "default: no resampling")
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (default: 2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--strict", action="store_true", help="exit with status 1 if any volume failed")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
-    try:
-        prep = Preprocessing(size=tuple(args.size), num_slices=args.num_slices, hu_range=tuple(args.hu_range),
-                             target_spacing=None if args.target_spacing is None else tuple(args.target_spacing))
-    except ValueError as err:
-        parser.error(str(err))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        dataset_root(args.data_root)
-        cohort = load_cohort(args.data_root)
-    except DataError as err:
-        print(f"error: {args.data_root} is not a usable CT-RATE snapshot: {err}", file=sys.stderr)
-        return 2
-    if cohort.empty:
-        print(f"error: {args.data_root} holds no labelled chest-CT volume on disk; nothing to prepare",
-              file=sys.stderr)
-        return 2
-    report = prepare(cohort, args.cache, prep, workers=args.workers, progress=not args.no_progress)
-    print(report.summary())
-    return 1 if (args.strict and report.failed) else 0
+    """``python -m ctlib.cache``: see ``ctlib.cohort.main`` (profile-level preparation)."""
+    from ctlib.cohort import main as prepare_main
+
+    return prepare_main(argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 # The 18 abnormality classes: CT-RATE's spelling and order (labels CSV header).
 CLASSES: tuple[str, ...] = (
@@ -736,76 +735,3 @@ def class_table(cohort: pd.DataFrame, splits: pd.Series) -> pd.DataFrame:
     columns.update({name.capitalize(): s == name for name in SPLITS})
     table = {col: [*labels[mask].sum(axis=0).tolist(), int(mask.sum())] for col, mask in columns.items()}
     return pd.DataFrame(table, index=pd.Index([*CLASSES, "Volumes"], name="Class"), dtype=np.int64)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The prepared cache, as the training Dataset sees it (written by ctlib.cache.prepare)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def prepared_path(cache_dir: StrPath, name: str) -> Path:
-    """Cache file of a volume: ``<cache_dir>/<VolumeName without .nii.gz>.npy``."""
-    stem = name.removesuffix(".nii.gz").removesuffix(".nii")
-    if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
-        raise ValueError(f"{name!r} is not a volume name usable as a cache file name")
-    return Path(cache_dir) / f"{stem}.npy"
-
-
-def _not_cached_message(cache_dir: Path, names: Sequence[str]) -> str:
-    msg = (f"{len(names)} volume(s) not in the cache {cache_dir}, e.g. {list(names[:3])}: run prepare first "
-           "(python -m ctlib.cache --data-root DIR --cache DIR, or ctlib.cache.prepare)")
-    if (cache_dir / "failures.csv").is_file():
-        msg += f"; volumes that failed to prepare are listed in {cache_dir / 'failures.csv'}"
-    return msg
-
-
-def load_prepared(cache_dir: StrPath, name: str) -> np.ndarray:
-    """A prepared volume, memory-mapped read-only: float16 (S, H, W)."""
-    path = prepared_path(cache_dir, name)
-    if not path.is_file():
-        raise FileNotFoundError(_not_cached_message(Path(cache_dir), [name]))
-    return np.load(path, mmap_mode="r")
-
-
-class PreparedVolumes(Dataset):
-    """The cohort's prepared volumes with their labels, read from the memory-mapped cache.
-
-    Item i -> ``(volume, labels, name)``: float32 tensor (S, H, W), float32 tensor (18,), VolumeName.
-
-    Args:
-        cache_dir: the folder holding the ``.npy`` files (``ctlib.cache.cache_dir(root, prep)``).
-        cohort: DataFrame with ``VolumeName`` and the ``CLASSES`` columns; every volume must be cached.
-    """
-
-    def __init__(self, cache_dir: StrPath, cohort: pd.DataFrame) -> None:
-        missing_cols = [c for c in ("VolumeName", *CLASSES) if c not in cohort.columns]
-        if missing_cols:
-            raise ValueError(f"cohort lacks column(s) {missing_cols}")
-        self.cache_dir = Path(cache_dir)
-        self._names = [str(n) for n in cohort["VolumeName"].tolist()]
-        self._labels = cohort[list(CLASSES)].to_numpy(dtype=np.float32)
-        missing = [n for n in self._names if not prepared_path(self.cache_dir, n).is_file()]
-        if missing:
-            raise FileNotFoundError(_not_cached_message(self.cache_dir, missing))
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        name = self._names[i]
-        stored = load_prepared(self.cache_dir, name)
-        if stored.ndim != 3:
-            raise DataError(f"{prepared_path(self.cache_dir, name)}: cached array of shape {stored.shape}, "
-                            "expected (S, H, W); delete it and rerun prepare")
-        volume = torch.from_numpy(np.array(stored, dtype=np.float32))
-        return volume, torch.from_numpy(self._labels[i].copy()), name
-
-    @property
-    def labels(self) -> np.ndarray:
-        """float32 (N, 18) label matrix, in item order."""
-        return self._labels.copy()
-
-    @property
-    def names(self) -> list[str]:
-        """VolumeNames in item order."""
-        return list(self._names)

@@ -26,6 +26,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "env_rank",
+    "env_world_size",
     "gather_predictions",
     "is_distributed",
     "is_main",
@@ -114,6 +115,11 @@ def world_size() -> int:
 def env_rank() -> int:
     """The rank torchrun assigned (RANK), readable before :func:`setup`; 0 without torchrun."""
     return _env_int("RANK", 0)
+
+
+def env_world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE), readable before :func:`setup`; 1 without."""
+    return _env_int("WORLD_SIZE", 1)
 
 
 def is_main() -> bool:

@@ -149,18 +149,22 @@ def train_run(outputs: PaperOutputs, model: str, alpha: float | str | None = Non
               processes: int | None = None, redo: bool = False) -> Path:
     """Prepares the data in this process, then trains one run with ``torchrun`` unless it is complete.
 
-    Returns the run folder. A finished run with the same settings is reused unless ``redo``.
+    Preparation is ``ctlib.cohort.prepare_profile``, the function behind ``python -m ctlib.cache``: it runs
+    here, before any process group exists, and the ranks then only read. Returns the run folder. A finished
+    run with the same settings and split is reused unless ``redo``.
     """
-    from ctlib.train import RunSpec, prepare_data, run_is_complete
+    from ctlib.cohort import prepare_profile
+    from ctlib.train import RunSpec, run_is_complete
 
     prof = outputs.profile
     run_dir = outputs.run_dir(model, alpha)
     # The workers then find a ready cache (generation and preparation happen once, here).
-    prepare_data(prof, model)
+    prepared = prepare_profile(prof)
+    print(prepared.summary())
     model_alpha, extra = fusion_settings(alpha) if model == "fusion" else (1.0, {})
     # the profile the torchrun workers build from the same overrides
     spec = RunSpec(dataclasses.replace(prof, **extra), model, model_alpha)
-    if run_is_complete(run_dir, spec) and not redo:
+    if run_is_complete(run_dir, spec, prepared.key) and not redo:
         print(f"{run_dir} is complete: reused (redo=True trains again)")
         return run_dir
     run_streaming(torchrun_command(profile=prof.name, model=model, alpha=alpha, out=run_dir,

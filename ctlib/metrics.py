@@ -57,6 +57,7 @@ __all__ = [
     "metrics_table",
     "predictions_frame",
     "read_predictions",
+    "same_test_volumes",
     "score",
 ]
 
@@ -614,3 +615,33 @@ def metrics_table(
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(keys), dtype=np.float64)
     frame.index.name = "run"
     return frame
+
+
+def same_test_volumes(run_dirs: Mapping[str, Any]) -> list[str]:
+    """Check that runs were scored on identical test volumes (Table 2's models, Table 3's alphas).
+
+    Args:
+        run_dirs: label -> run folder holding ``predictions.csv`` (one row per test volume).
+
+    Returns:
+        The common test VolumeNames, sorted.
+
+    Raises:
+        ValueError: a run's test volumes differ from the first run's, naming the runs and up to 5 volumes each
+            way (a different cohort or split, e.g. runs made before the split file was fixed).
+    """
+    if not run_dirs:
+        raise ValueError("no runs to compare")
+    names = {}
+    for label, folder in run_dirs.items():
+        path = os.path.join(os.fspath(folder), "predictions.csv")
+        names[label] = set(pd.read_csv(path, usecols=["VolumeName"])["VolumeName"].astype(str))
+    first, ref = next(iter(names.items()))
+    problems = []
+    for label, got in names.items():
+        if got != ref:
+            problems.append(f"{label} ({len(got)} test volumes) vs {first} ({len(ref)}): only in {label}: "
+                            f"{sorted(got - ref)[:5]}, only in {first}: {sorted(ref - got)[:5]}")
+    if problems:
+        raise ValueError("runs were scored on different test volumes: " + "; ".join(problems))
+    return sorted(ref)

@@ -33,6 +33,8 @@ class Profile:
     synthetic_spacing: tuple[float, float, float] = (2.75, 2.75, 5.0)  # mm
     synthetic_seed: int = 0
     prepare_workers: int = 2
+    # Preparation exits non-zero when more than this fraction of the cohort's volumes fail to read.
+    max_failed_fraction: float = 0.01
     # --- preprocessing (section 3.1) --------------------------------------------------------
     size_2d: tuple[int, int, int] = (214, 214, 240)  # ResNet2D input: 214x214 slices
     size_3d: tuple[int, int, int] = (224, 224, 240)  # ViT3D and fusion input: 224x224 slices
@@ -72,6 +74,9 @@ class Profile:
     # (ctlib.train.recalibrate_batchnorm); 0 keeps PyTorch's running averages, the paper's plain loop.
     bn_recalibration: int = 0
     max_steps_per_epoch: int | None = None  # cap optimisation steps per epoch (quick checks only)
+    # Process-group timeout (torch.distributed.init_process_group): how long a rank waits for the others at
+    # a collective. No long work runs inside the group (the cache is prepared before), so minutes suffice.
+    dist_timeout_minutes: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +175,45 @@ def get_profile(name: str, **overrides: Any) -> Profile:
     return dataclasses.replace(prof, **parsed)
 
 
+def validate(profile: Profile, world_size: int = 1) -> None:
+    """Reject settings that cannot work, before any data or training work starts.
+
+    Raises:
+        ValueError naming the field and the value.
+    """
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"profile {profile.name!r}: {msg}")
+
+    for name in ("epochs", "batch_size", "eval_batch_size", "bootstrap", "prepare_workers", "num_slices",
+                 "vit_patch_size"):
+        value = getattr(profile, name)
+        need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+             f"{name} must be a positive integer, got {value!r}")
+    for name in ("num_workers", "bn_recalibration", "seed", "split_seed"):
+        value = getattr(profile, name)
+        need(isinstance(value, int) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
+    need(world_size >= 1, f"world size must be >= 1, got {world_size}")
+    need(profile.batch_size % world_size == 0,
+         f"batch_size {profile.batch_size} is not divisible by the {world_size} processes")
+    need(profile.max_steps_per_epoch is None or profile.max_steps_per_epoch >= 1,
+         f"max_steps_per_epoch must be None or >= 1, got {profile.max_steps_per_epoch!r}")
+    need(0.0 <= profile.max_failed_fraction < 1.0,
+         f"max_failed_fraction must be in [0, 1), got {profile.max_failed_fraction!r}")
+    need(profile.dist_timeout_minutes > 0, f"dist_timeout_minutes must be > 0, got {profile.dist_timeout_minutes!r}")
+    need(profile.lr > 0, f"lr must be > 0, got {profile.lr!r}")
+    fr = profile.fractions
+    need(len(fr) == 3 and all(f > 0 for f in fr) and abs(sum(fr) - 1) < 1e-6,
+         f"fractions must be 3 positive numbers summing to 1, got {fr!r}")
+    for name in ("size_2d", "size_3d"):
+        size = getattr(profile, name)
+        need(len(size) == 3 and all(int(v) >= 1 for v in size), f"{name} must be 3 positive sizes, got {size!r}")
+        need(profile.num_slices <= size[2], f"num_slices {profile.num_slices} exceeds {name}[2] = {size[2]}")
+    need(profile.size_3d[0] == profile.size_3d[1], f"the ViT needs square slices, size_3d is {profile.size_3d}")
+    need(profile.size_3d[0] % profile.vit_patch_size == 0,
+         f"size_3d {profile.size_3d[0]} is not a multiple of vit_patch_size {profile.vit_patch_size}")
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["epochs=3", "lr=1e-3"]`` -> ``{"epochs": "3", "lr": "1e-3"}``."""
     out = {}
@@ -208,5 +252,8 @@ def load_profile(path: str | Path) -> Profile:
     """Read a profile saved by :func:`save_profile` (lists become tuples again)."""
     raw = json.loads(Path(path).read_text())
     names = {f.name for f in dataclasses.fields(Profile)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown profile field(s) {unknown}; fields are {sorted(names)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     return Profile(**kwargs)

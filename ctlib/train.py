@@ -15,8 +15,12 @@ would; a finished run is not trained again unless ``--redo``.
 Example::
 
     python -m ctlib.train --profile smoke --model fusion --alpha learned --out runs/smoke/fusion
+    python -m ctlib.cache --profile paper --data-root /data/CT-RATE --workers 16   # once, before torchrun
     torchrun --nproc_per_node 4 -m ctlib.train --profile paper --model resnet2d \\
         --data-root /data/CT-RATE --out runs/paper/resnet2d
+
+A single process prepares what is missing on first use; under torchrun with more than one process a
+missing cache stops the run at once with the ``python -m ctlib.cache`` command that prepares it.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -45,88 +49,29 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from ctlib import distributed as dist_utils
-from ctlib.cache import Preprocessing, cache_dir, prepare
-from ctlib.data import CLASSES, PreparedVolumes, load_cohort, split_patients
+from ctlib.cache import PreparedVolumes
+from ctlib.cohort import (  # noqa: F401  (ensure_dataset, prepare_data, preprocessing_for: notebooks' API)
+    CacheNotReady,
+    RunData,
+    ensure_dataset,
+    fixed_split,
+    load_run_data,
+    prepare_data,
+    prepare_profile,
+    preprocessing_for,
+    synthetic_root,
+)
+from ctlib.data import CLASSES
 from ctlib.metrics import bootstrap_auroc, evaluate, predictions_frame, score
 from ctlib.models import Fusion, ResNet2D, ViT3D, resnet2d_with_fallback
-from ctlib.profiles import MODELS, Profile, get_profile, load_profile, parse_overrides, save_profile
+from ctlib.profiles import MODELS, Profile, get_profile, load_profile, parse_overrides, save_profile, validate
 
 log = logging.getLogger("ctlib.train")
 
 
-# ---------------------------------------------------------------------------------------------
-# data: snapshot -> cohort -> cache -> splits
-# ---------------------------------------------------------------------------------------------
-def synthetic_root(profile: Profile) -> Path:
-    """Where the profile's synthetic snapshot lives (one folder per generator setting)."""
-    x, y, z = profile.synthetic_shape
-    sx, sy, sz = profile.synthetic_spacing
-    key = f"p{profile.synthetic_patients}-{x}x{y}x{z}-{sx:g}x{sy:g}x{sz:g}mm-seed{profile.synthetic_seed}"
-    return Path(profile.work_dir) / "synthetic" / key
-
-
-def ensure_dataset(profile: Profile, *, progress: bool = True) -> Path:
-    """The CT-RATE snapshot to use: ``profile.data_root``, or the synthetic one (generated on first use)."""
-    if profile.data_root is not None:
-        root = Path(profile.data_root)
-        if not root.exists():
-            raise FileNotFoundError(f"data root {root} does not exist (expected a CT-RATE snapshot)")
-        return root
-    from ctlib import synthetic
-
-    root = synthetic_root(profile)
-    if (root / "dataset").exists():
-        return root
-    # Generate beside the target and rename, so a killed generation never looks complete.
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("generating the synthetic CT-RATE snapshot in %s", root)
-    synthetic.generate(
-        tmp,
-        n_patients=profile.synthetic_patients,
-        shape=profile.synthetic_shape,
-        spacing=profile.synthetic_spacing,
-        seed=profile.synthetic_seed,
-        workers=profile.prepare_workers,
-        progress=progress,
-    )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
-    return root
-
-
-def preprocessing_for(profile: Profile, model: str) -> Preprocessing:
-    return Preprocessing(
-        size=tuple(profile.image_size(model)),
-        num_slices=profile.num_slices,
-        hu_range=tuple(profile.hu_range),
-        target_spacing=None if profile.target_spacing is None else tuple(profile.target_spacing),
-    )
-
-
-def cache_root_for(profile: Profile, data_root: Path) -> Path:
-    """Caches are kept per snapshot: ``<work_dir>/cache/<snapshot id>/<preprocessing key>``."""
-    ident = hashlib.sha1(str(data_root.resolve()).encode()).hexdigest()[:10]
-    return Path(profile.work_dir) / "cache" / f"{data_root.resolve().name}-{ident}"
-
-
-def prepare_data(profile: Profile, model: str, *, progress: bool = True) -> tuple[pd.DataFrame, Path]:
-    """Generate (synthetic) and prepare the cache for ``model``; returns (cohort, cache directory).
-
-    Volumes that fail to read are reported by :func:`ctlib.cache.prepare` and dropped from the cohort.
-    """
-    data_root = ensure_dataset(profile, progress=progress)
-    cohort = load_cohort(data_root)
-    prep = preprocessing_for(profile, model)
-    root = cache_root_for(profile, data_root)
-    report = prepare(cohort, root, prep, workers=profile.prepare_workers, progress=progress)
-    if report.failed:
-        cohort = cohort[~cohort["VolumeName"].isin(report.failed)].reset_index(drop=True)
-    return cohort, cache_dir(root, prep)
-
-
 def make_splits(cohort: pd.DataFrame, profile: Profile) -> pd.Series:
-    return split_patients(cohort, fractions=tuple(profile.fractions), seed=profile.split_seed)
+    """The snapshot's fixed split (``ctlib.cohort.fixed_split``), aligned with ``cohort`` (the full cohort)."""
+    return fixed_split(profile, cohort).splits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,22 +134,27 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile.to_dict(), "model": self.model, "alpha": self.alpha}
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, data_key: str = "") -> str:
+        """Hash of the settings and of the data (``ctlib.cohort.RunData.key``: split file and excluded
+        volumes): a run resumes only with both equal."""
         d = self.to_dict()
-        # Where data and work files live does not change the result; everything else does.
-        d["profile"] = {k: v for k, v in d["profile"].items() if k not in ("work_dir", "num_workers",
-                                                                            "prepare_workers", "extra")}
+        # Where data and work files live, and how they are read, does not change the result; the rest does.
+        d["profile"] = {k: v for k, v in d["profile"].items() if k not in (
+            "work_dir", "num_workers", "prepare_workers", "extra", "dist_timeout_minutes", "max_failed_fraction")}
+        d["data_key"] = data_key
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_is_complete(run_dir: str | Path, spec: RunSpec) -> bool:
-    """True when ``run_dir`` holds a finished run of exactly ``spec`` (its metrics are written)."""
+def run_is_complete(run_dir: str | Path, spec: RunSpec, data_key: str | None = None) -> bool:
+    """True when ``run_dir`` holds a finished run of exactly ``spec`` (its metrics are written) on the data
+    ``data_key`` (``RunData.key``; default: the one in the run's config)."""
     run_dir = Path(run_dir)
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    return (run_dir / "metrics.json").exists() and config.get("fingerprint") == spec.fingerprint()
+    data_key = config.get("data_key", "") if data_key is None else data_key
+    return (run_dir / "metrics.json").exists() and config.get("fingerprint") == spec.fingerprint(data_key)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -311,89 +261,200 @@ def _bce(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(t)
 
 
+def run_data(profile: Profile, model: str, *, world: int, progress: bool = True) -> RunData:
+    """Step 1, data, before any process group exists: the split and cache the run reads.
+
+    A single process prepares what is missing (``prepare_profile``; notebooks and ``python -m ctlib.train``).
+    Under torchrun with more than one process nothing long runs here: a missing or incomplete cache raises
+    ``CacheNotReady`` at once with the command that prepares it.
+    """
+    if world == 1:
+        try:
+            return load_run_data(profile, model)
+        except CacheNotReady as err:
+            log.info("preparing the data first (%s)", str(err).splitlines()[0])
+        prepare_profile(profile, progress=progress)
+    return load_run_data(profile, model)
+
+
+@dataclasses.dataclass
+class Training:
+    """The model, optimiser, scheduler and history of a run (step 2), resumed from ``last.pt`` if there."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    history: list[dict[str, float]]
+    best_val: float = math.inf
+    start_epoch: int = 0
+
+
+def build_training(spec: RunSpec, data: RunData, out: Path, device: torch.device, world: int) -> Training:
+    """Step 2, model: build (seeded), wrap in DDP, and resume from ``out/checkpoints/last.pt`` when present."""
+    profile = spec.profile
+    torch.manual_seed(profile.seed)
+    model = build_model(profile, spec.model, spec.alpha).to(device)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=profile.plateau_factor, patience=profile.plateau_patience)
+    state = Training(model, opt, sched, [])
+    last = out / "checkpoints" / "last.pt"
+    if not last.exists():
+        return state
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    fp = spec.fingerprint(data.key)
+    if saved["fingerprint"] != fp:
+        if saved.get("data_key", data.key) != data.key:
+            raise RuntimeError(
+                f"{out} was trained on another cohort or split (split file {data.split_path} and its "
+                f"{len(data.excluded)} excluded volumes now give data key {data.key[:12]}, the run's is "
+                f"{saved['data_key'][:12]}): resuming would mix test and training patients; use another --out, "
+                "or --redo to discard it")
+        raise RuntimeError(f"{out} holds a run with other settings (fingerprint {saved['fingerprint']} != {fp}); "
+                           "use another --out, or --redo to discard it")
+    _unwrap(model).load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    state.history = list(saved["history"])
+    state.best_val = float(saved["best_val_loss"])
+    state.start_epoch = int(saved["epoch"]) + 1
+    torch.set_rng_state(saved["rng"])
+    if dist_utils.is_main():
+        log.info("resuming %s from epoch %d", out, state.start_epoch + 1)
+    return state
+
+
+def train_epoch(t: Training, loader: DataLoader, epoch: int, *, profile: Profile, device: torch.device,
+                progress: bool) -> float:
+    """Step 3, one epoch of the loop; returns the mean training loss over ranks.
+
+    Raises:
+        FloatingPointError: a non-finite loss on any rank (every rank stops at the same step), naming the
+            epoch and step; the checkpoints of the last good epoch stay as they are.
+    """
+    use_bf16 = profile.bf16 and device.type == "cuda"
+    loss_fn = nn.BCEWithLogitsLoss()
+    t.model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs} train", leave=False,
+               disable=not (progress and dist_utils.is_main()))
+    for step, (volumes, labels, _names) in enumerate(bar):
+        if profile.max_steps_per_epoch is not None and step >= profile.max_steps_per_epoch:
+            break
+        volumes, labels = volumes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = t.model(volumes)
+        loss = loss_fn(logits.float(), labels)
+        value = float(loss.detach())
+        if dist_utils.all_reduce_mean(0.0 if math.isfinite(value) else 1.0) > 0:
+            raise FloatingPointError(
+                f"non-finite training loss ({value} on rank {dist_utils.rank()}) at epoch {epoch + 1}, step "
+                f"{step + 1}: stopping; the checkpoints of the last good epoch ({epoch}) are kept. Lower lr, "
+                "or check the data")
+        t.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t.opt.step()
+        total += value * volumes.shape[0]
+        count += volumes.shape[0]
+        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+    return dist_utils.all_reduce_mean(total / max(count, 1))
+
+
+def validate_epoch(t: Training, parts: dict[str, Subset], epoch: int, *, profile: Profile, device: torch.device,
+                   progress: bool, per_rank: int) -> dict[str, float]:
+    """Step 3, end of an epoch: BatchNorm recalibration, validation, scheduler; returns the history row."""
+    recalibrate_batchnorm(t.model, parts["train"], profile.bn_recalibration, batch_size=per_rank, device=device,
+                          seed=profile.seed * 1000 + epoch)
+    val = predict(t.model, parts["val"], batch_size=profile.eval_batch_size, device=device,
+                  bf16=profile.bf16 and device.type == "cuda", progress=progress, desc=f"epoch {epoch + 1} val")
+    val_loss = _bce(val["logits"], val["labels"])
+    t.sched.step(val_loss)
+    alpha, beta = _alpha_beta(t.model)
+    return {"epoch": epoch + 1, "train_loss": math.nan, "val_loss": val_loss,
+            "val_auroc": float(score(val["labels"], val["probs"])["auroc"]),
+            "lr": t.opt.param_groups[0]["lr"], "alpha": alpha, "beta": beta, "seconds": 0.0}
+
+
+def save_epoch(t: Training, row: dict[str, float], out: Path, fp: str, data_key: str, epochs: int) -> None:
+    """Step 3, rank 0: checkpoints (best by validation loss, and last) and history, atomically."""
+    epoch = row["epoch"] - 1
+    t.history.append(row)
+    improved = row["val_loss"] < t.best_val
+    t.best_val = min(t.best_val, row["val_loss"])
+    if not dist_utils.is_main():
+        return
+    ckpt_dir = out / "checkpoints"
+    state = _unwrap(t.model).state_dict()
+    if improved:
+        _atomic_torch_save({"model": state, "epoch": epoch, "fingerprint": fp}, ckpt_dir / "best.pt")
+    _atomic_torch_save({"model": state, "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
+                        "epoch": epoch, "history": t.history, "best_val_loss": t.best_val,
+                        "rng": torch.get_rng_state(), "fingerprint": fp, "data_key": data_key},
+                       ckpt_dir / "last.pt")
+    _write_history(out / "history.csv", t.history)
+    log.info("epoch %d/%d  train %.4f  val %.4f  val AUROC %.3f  lr %.2g%s  %.0fs", row["epoch"],
+             epochs, row["train_loss"], row["val_loss"],
+             row["val_auroc"], row["lr"], "" if math.isnan(row["alpha"]) else f"  alpha {row['alpha']:.3f}",
+             row["seconds"])
+
+
+def _write_config(spec: RunSpec, data: RunData, out: Path, parts: dict[str, Subset], world: int,
+                  device: torch.device, model: nn.Module) -> None:
+    config = {**spec.to_dict(), "fingerprint": spec.fingerprint(data.key), "data_key": data.key, "world_size": world,
+              "device": str(device), "weights_used": weights_used(_unwrap(model)),
+              "data": _data_description(spec.profile), "cache_dir": str(data.cache_dir.resolve()),
+              "split_file": str(data.split_path.resolve()), "split_sha256": data.split_sha,
+              "excluded_volumes": data.excluded, "n_volumes": {s: len(p) for s, p in parts.items()}}
+    _atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    save_profile(spec.profile, out / "profile.json")
+    pd.DataFrame({"VolumeName": data.cohort["VolumeName"], "patient": data.cohort["patient"],
+                  "split": data.splits.to_numpy()}).to_csv(out / "splits.csv", index=False)
+    log.info("%s: %s on %d process(es) [%s], weights: %s, volumes train/val/test = %s (split %s)", out,
+             spec.model, world, device, config["weights_used"],
+             "/".join(str(len(parts[s])) for s in ("train", "val", "test")), data.split_path.name)
+
+
 def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool = True,
           after_epoch: Callable[[int], None] | None = None) -> dict[str, Any] | None:
     """Trains and evaluates one run into ``out``; returns the metrics (on rank 0, else None).
 
-    ``after_epoch(epoch)`` is called after each epoch's checkpoint is on disk (tests use it to
-    simulate a kill).
+    Steps: validate the settings; data (before the process group: ``run_data``, rank 0 decides); model
+    (``build_training``); the loop (``train_epoch``, ``validate_epoch``, ``save_epoch``); evaluation of the
+    best checkpoint (``_write_results``). ``after_epoch(epoch)`` is called after each epoch's checkpoint is
+    on disk (tests use it to simulate a kill).
     """
-    profile, model_name = spec.profile, spec.model
-    out = Path(out)
-    rank, world, device = dist_utils.setup()
+    profile, out = spec.profile, Path(out)
+    world_env = dist_utils.env_world_size()
+    validate(profile, world_env)
+    data = run_data(profile, spec.model, world=world_env, progress=progress) if dist_utils.env_rank() == 0 else None
+    rank, world, device = dist_utils.setup(timeout=datetime.timedelta(minutes=profile.dist_timeout_minutes))
     main = dist_utils.is_main()
     try:
-        if profile.batch_size % world:
-            raise ValueError(f"batch_size {profile.batch_size} is not divisible by {world} processes")
-        fp = spec.fingerprint()
-        ckpt_dir = out / "checkpoints"
+        data = dist_utils.broadcast_object(data)  # every rank uses rank 0's cohort and split
+        fp = spec.fingerprint(data.key)
         if main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
             if redo:
                 for name in ("metrics.json", "history.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
                     (out / name).unlink(missing_ok=True)
-        if dist_utils.broadcast_object(main and not redo and run_is_complete(out, spec)):
+        if dist_utils.broadcast_object(main and not redo and run_is_complete(out, spec, data.key)):
             if main:
                 log.info("%s is complete (metrics.json present); use --redo to train again", out)
                 return json.loads((out / "metrics.json").read_text())
             return None
 
-        # Data: rank 0 generates and prepares, the others wait, then read the same (complete) cache.
-        if main:
-            cohort, cdir = prepare_data(profile, model_name, progress=progress)
-        dist_utils.barrier()
-        if not main:
-            cohort, cdir = prepare_data(profile, model_name, progress=False)
-        splits = make_splits(cohort, profile)
-        dataset = PreparedVolumes(cdir, cohort)
-        parts = {s: Subset(dataset, np.flatnonzero((splits == s).to_numpy()).tolist())
+        dataset = PreparedVolumes(data.cache_dir, data.cohort, data.shape)
+        parts = {s: Subset(dataset, np.flatnonzero((data.splits == s).to_numpy()).tolist())
                  for s in ("train", "val", "test")}
         for s, sub in parts.items():
             if len(sub) == 0:
-                raise ValueError(f"the {s} split is empty: the cohort has {len(cohort)} volumes")
-
-        torch.manual_seed(profile.seed)
-        model = build_model(profile, model_name, spec.alpha).to(device)
-        if world > 1:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=profile.plateau_factor, patience=profile.plateau_patience)
-        loss_fn = nn.BCEWithLogitsLoss()
-        history: list[dict[str, float]] = []
-        best_val = math.inf
-        start_epoch = 0
-
-        last = ckpt_dir / "last.pt"
-        if last.exists():
-            state = torch.load(last, map_location="cpu", weights_only=True)
-            if state["fingerprint"] != fp:
-                raise RuntimeError(
-                    f"{out} holds a run with other settings (fingerprint {state['fingerprint']} != {fp}); "
-                    "use another --out, or --redo to discard it")
-            _unwrap(model).load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            history = list(state["history"])
-            best_val = float(state["best_val_loss"])
-            start_epoch = int(state["epoch"]) + 1
-            torch.set_rng_state(state["rng"])
-            if main:
-                log.info("resuming %s from epoch %d", out, start_epoch + 1)
-
+                raise ValueError(f"the {s} split is empty: the cohort has {len(data.cohort)} volumes")
+        t = build_training(spec, data, out, device, world)
         if main:
-            config = {**spec.to_dict(), "fingerprint": fp, "world_size": world, "device": str(device),
-                      "weights_used": weights_used(_unwrap(model)),
-                      "data": _data_description(profile), "cache_dir": str(cdir),
-                      "n_volumes": {s: len(p) for s, p in parts.items()}}
-            _atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
-            save_profile(profile, out / "profile.json")
-            pd.DataFrame({"VolumeName": cohort["VolumeName"], "patient": cohort["patient"],
-                          "split": splits.to_numpy()}).to_csv(out / "splits.csv", index=False)
-            log.info("%s: %s on %d process(es) [%s], weights: %s, volumes train/val/test = %s", out,
-                     model_name, world, device, config["weights_used"],
-                     "/".join(str(len(parts[s])) for s in ("train", "val", "test")))
+            _write_config(spec, data, out, parts, world, device, t.model)
 
         per_rank = profile.batch_size // world
         sampler = DistributedSampler(parts["train"], num_replicas=world, rank=rank, shuffle=True,
@@ -401,71 +462,34 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
         loader = DataLoader(parts["train"], batch_size=per_rank, sampler=sampler,
                             num_workers=profile.num_workers, pin_memory=device.type == "cuda",
                             persistent_workers=profile.num_workers > 0)
-        use_bf16 = profile.bf16 and device.type == "cuda"
-
-        for epoch in range(start_epoch, profile.epochs):
+        for epoch in range(t.start_epoch, profile.epochs):
             t0 = time.time()
-            model.train()
             sampler.set_epoch(epoch)
-            total, count = 0.0, 0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs} train", leave=False,
-                       disable=not (progress and main))
-            for step, (volumes, labels, _names) in enumerate(bar):
-                if profile.max_steps_per_epoch is not None and step >= profile.max_steps_per_epoch:
-                    break
-                volumes, labels = volumes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = model(volumes)
-                loss = loss_fn(logits.float(), labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * volumes.shape[0]
-                count += volumes.shape[0]
-                bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-            train_loss = dist_utils.all_reduce_mean(total / max(count, 1))
-            recalibrate_batchnorm(model, parts["train"], profile.bn_recalibration,
-                                  batch_size=per_rank, device=device, seed=profile.seed * 1000 + epoch)
-
-            val = predict(model, parts["val"], batch_size=profile.eval_batch_size, device=device,
-                          bf16=use_bf16, progress=progress, desc=f"epoch {epoch + 1} val")
-            val_loss = _bce(val["logits"], val["labels"])
-            sched.step(val_loss)
-            alpha, beta = _alpha_beta(model)
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_auroc": float(score(val["labels"], val["probs"])["auroc"]),
-                   "lr": opt.param_groups[0]["lr"], "alpha": alpha, "beta": beta,
-                   "seconds": time.time() - t0}
-            history.append(row)
-            improved = val_loss < best_val
-            best_val = min(best_val, val_loss)
-            if main:
-                if improved:
-                    _atomic_torch_save({"model": _unwrap(model).state_dict(), "epoch": epoch,
-                                        "fingerprint": fp}, ckpt_dir / "best.pt")
-                _atomic_torch_save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
-                                    "best_val_loss": best_val, "rng": torch.get_rng_state(),
-                                    "fingerprint": fp}, last)
-                _write_history(out / "history.csv", history)
-                log.info("epoch %d/%d  train %.4f  val %.4f  val AUROC %.3f  lr %.2g%s  %.0fs", epoch + 1,
-                         profile.epochs, train_loss, val_loss, row["val_auroc"], row["lr"],
-                         "" if math.isnan(alpha) else f"  alpha {alpha:.3f}", row["seconds"])
+            train_loss = train_epoch(t, loader, epoch, profile=profile, device=device, progress=progress)
+            row = validate_epoch(t, parts, epoch, profile=profile, device=device, progress=progress,
+                                 per_rank=per_rank)
+            row.update(train_loss=train_loss, seconds=time.time() - t0)
+            save_epoch(t, row, out, fp, data.key, profile.epochs)
             dist_utils.barrier()
             if after_epoch is not None:
                 after_epoch(epoch)
-
-        # Evaluation with the best checkpoint (by validation loss).
-        best = torch.load(ckpt_dir / "best.pt", map_location="cpu", weights_only=True)
-        _unwrap(model).load_state_dict(best["model"])
-        preds = predict(model, dataset, batch_size=profile.eval_batch_size, device=device, bf16=use_bf16,
-                        progress=progress, desc="final predictions")
-        if not main:
-            return None
-        return _write_results(out, spec, cohort, splits, preds, best_epoch=int(best["epoch"]) + 1,
-                              history=history, model=model)
+        return evaluate_best(spec, data, dataset, t, out, device=device, progress=progress)
     finally:
         dist_utils.teardown()
+
+
+def evaluate_best(spec: RunSpec, data: RunData, dataset: PreparedVolumes, t: Training, out: Path, *,
+                  device: torch.device, progress: bool) -> dict[str, Any] | None:
+    """Step 4, evaluation: the best checkpoint (by validation loss) scores every volume once; rank 0 writes
+    predictions, features and metrics and returns the metrics."""
+    best = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    _unwrap(t.model).load_state_dict(best["model"])
+    preds = predict(t.model, dataset, batch_size=spec.profile.eval_batch_size, device=device,
+                    bf16=spec.profile.bf16 and device.type == "cuda", progress=progress, desc="final predictions")
+    if not dist_utils.is_main():
+        return None
+    return _write_results(out, spec, data.cohort, data.splits, preds, best_epoch=int(best["epoch"]) + 1,
+                          history=t.history, model=t.model)
 
 
 def _data_description(profile: Profile) -> str:
@@ -598,11 +622,18 @@ def main(argv: list[str] | None = None) -> int:
         overrides["work_dir"] = args.work_dir
     if args.seed is not None:
         overrides["seed"] = str(args.seed)
-    profile = get_profile(args.profile, **overrides)
+    try:
+        profile = get_profile(args.profile, **overrides)
+        validate(profile, dist_utils.env_world_size())
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     alpha = parse_alpha(args.alpha)
     if args.model != "fusion" and args.alpha != "1.0":
         raise SystemExit("--alpha applies to --model fusion only")
-    train(RunSpec(profile, args.model, alpha), args.out, redo=args.redo, progress=not args.no_progress)
+    try:
+        train(RunSpec(profile, args.model, alpha), args.out, redo=args.redo, progress=not args.no_progress)
+    except (CacheNotReady, ValueError) as err:  # said plainly, without a traceback
+        raise SystemExit(f"error: {err}") from None
     return 0
 
 

@@ -45,7 +45,8 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from ctlib import figures
-from ctlib.data import CLASSES, class_table, load_cohort, load_prepared, read_hu
+from ctlib.cache import load_prepared
+from ctlib.data import CLASSES, class_table, load_cohort, read_hu
 from ctlib.launch import paper_outputs
 from ctlib.paper_numbers import compare_table1, paper_table1
 from ctlib.train import ensure_dataset, make_splits, prepare_data, preprocessing_for

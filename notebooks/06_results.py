@@ -44,6 +44,7 @@ from IPython.display import Markdown, display
 from ctlib import figures, tables
 from ctlib.comparison import class_groups_for
 from ctlib.launch import ALPHAS, paper_outputs
+from ctlib.metrics import same_test_volumes
 from ctlib.paper_numbers import (
     PUBLISHED_CTRATE_NOTE,
     compare_metrics,
@@ -64,6 +65,11 @@ for label, (model, alpha, notebook) in MODELS.items():
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run notebook {notebook} first (profile {profile}, seed {seed})")
     runs[label] = json.loads(path.read_text())
+# Table 2's models and Table 3's alpha runs must be scored on identical test volumes (one fixed split).
+scored = {label: out.run_dir(m, a) for label, (m, a, _) in MODELS.items()}
+scored.update({f"alpha={a}": out.run_dir("fusion", a) for a in ALPHAS
+               if a != 1.0 and (out.run_dir("fusion", a) / "predictions.csv").exists()})
+print(f"{len(scored)} runs, all scored on the same {len(same_test_volumes(scored))} test volumes")
 data_used = {m["data"] for m in runs.values()}
 display(Markdown(f"**Data of every number marked 'ours' below:** {'; '.join(sorted(data_used))}, "
                  f"test set of {runs['ResNet']['n_test']} volumes (profile `{prof.name}`)."))

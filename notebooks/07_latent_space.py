@@ -46,7 +46,8 @@ import pandas as pd
 from IPython.display import display
 
 from ctlib import figures, latent
-from ctlib.data import CLASSES, load_prepared
+from ctlib.cache import load_prepared
+from ctlib.data import CLASSES
 from ctlib.launch import paper_outputs
 
 out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,

@@ -54,7 +54,8 @@ import torch
 from IPython.display import Markdown, display
 
 from ctlib import attention, figures, localisation
-from ctlib.data import CLASSES, load_cohort, load_prepared
+from ctlib.cache import load_prepared
+from ctlib.data import CLASSES, load_cohort
 from ctlib.launch import paper_outputs
 from ctlib.train import load_run, preprocessing_for, synthetic_root
 

@@ -12,13 +12,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 @pytest.fixture(scope="session")
 def smoke_work_dir(tmp_path_factory):
     """A work dir holding the smoke profile's synthetic snapshot and prepared cache."""
+    from ctlib.cohort import prepare_profile
     from ctlib.profiles import get_profile
-    from ctlib.train import prepare_data
 
     work = tmp_path_factory.mktemp("smoke-work")
-    profile = get_profile("smoke", work_dir=str(work))
-    for model in ("resnet2d", "vit3d"):
-        prepare_data(profile, model, progress=False)
+    prepare_profile(get_profile("smoke", work_dir=str(work)), progress=False)
     return work
 
 

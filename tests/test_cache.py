@@ -13,11 +13,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from ctrate_fixtures import Vol, label_vector, phantom_hu, write_snapshot
 
 import ctlib.cache as cache_mod
-from ctlib.cache import Preprocessing, cache_dir, load_prepared, load_settings, main, prepare, prepared_path
-from ctlib.data import DataError, load_cohort, preprocess, read_hu, volume_relpath
+from ctlib.cache import (
+    PREPROCESSING_VERSION,
+    PreparedVolumes,
+    Preprocessing,
+    cache_dir,
+    load_prepared,
+    load_settings,
+    main,
+    prepare,
+    prepared_path,
+)
+from ctlib.data import CLASSES, DataError, load_cohort, preprocess, read_hu, volume_relpath
 
 PREP = Preprocessing(size=(16, 18, 12), num_slices=6)
 
@@ -35,9 +46,10 @@ def _entries(folder: Path) -> dict[str, np.ndarray]:
 
 
 def test_preprocessing_key_and_validation() -> None:
-    assert Preprocessing().key == "214x214x240-n100-hu-1000_1000-native"
+    assert PREPROCESSING_VERSION == 2
+    assert Preprocessing().key == "v2-214x214x240-n100-hu-1000_1000-native"
     ctclip = Preprocessing(size=(480, 480, 240), target_spacing=(0.75, 0.75, 1.5))
-    assert ctclip.key == "480x480x240-n100-hu-1000_1000-sp0.75x0.75x1.5"
+    assert ctclip.key == "v2-480x480x240-n100-hu-1000_1000-sp0.75x0.75x1.5"
     variants = [Preprocessing(), Preprocessing(size=(224, 224, 240)), Preprocessing(num_slices=99),
                 Preprocessing(hu_range=(-1000.0, 400.0)), Preprocessing(hu_range=(-1000.5, 1000.0)), ctclip,
                 Preprocessing(target_spacing=(0.75, 0.75, 1.25))]
@@ -84,7 +96,14 @@ def test_prepare_writes_entries_and_skips_on_rerun(snapshot: Path, tmp_path: Pat
     again = prepare(cohort, tmp_path / "cache", PREP, workers=1, progress=False)
     assert again.done == [] and again.skipped == sorted(cohort["VolumeName"])
     assert {p: p.stat().st_mtime_ns for p in out.glob("*.npy")} == mtimes
-    assert "0 prepared, 7 already cached, 0 failed" in again.summary()
+    assert "0 prepared, 7 reused, 0 failed" in again.summary()
+
+
+def test_key_carries_the_preprocessing_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changed preprocessing code (a bumped version) never finds the old files."""
+    old = PREP.key
+    monkeypatch.setattr(cache_mod, "PREPROCESSING_VERSION", 3)
+    assert PREP.key != old and PREP.key.startswith("v3-") and old.startswith("v2-")
 
 
 def test_prepare_resumes_after_kill(snapshot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,7 +128,7 @@ def test_prepare_resumes_after_kill(snapshot: Path, tmp_path: Path, monkeypatch:
     partial = _entries(out)  # every entry present loads completely
     assert len(partial) == 2 and not list(out.glob(".*.tmp"))
     # a SIGKILLed worker leaves its temp file behind: simulate one (its pid is gone)
-    stale = out / f".{cohort['VolumeName'][4].removesuffix('.nii.gz')}.npy.{2**22 + 12345}.tmp"
+    stale = out / f".{cohort['VolumeName'][4].removesuffix('.nii.gz')}.npy.{cache_mod._HOST}.{2**22 + 12345}.tmp"
     stale.write_bytes(b"half a volume")
     monkeypatch.setattr(cache_mod, "_write_npy", real_write)
 
@@ -124,14 +143,22 @@ def test_prepare_resumes_after_kill(snapshot: Path, tmp_path: Path, monkeypatch:
 
 
 def test_prepare_keeps_live_temp_files(tmp_path: Path) -> None:
+    """Only this host's temps of dead pids, and other hosts' day-old temps, are stale."""
     out = tmp_path / "c"
     out.mkdir()
-    live = out / f".x.npy.{os.getppid()}.tmp"  # a process that is alive (our parent)
-    dead = out / f".y.npy.{2**22 + 7}.tmp"
-    live.write_bytes(b"")
-    dead.write_bytes(b"")
-    assert cache_mod._clean_stale_temps(out) == 1
-    assert live.exists() and not dead.exists()
+    host = cache_mod._HOST
+    live = out / f".x.npy.{host}.{os.getppid()}.tmp"  # a process that is alive (our parent)
+    dead = out / f".y.npy.{host}.{2**22 + 7}.tmp"
+    other = "another-node-7" if host != "another-node-7" else "another-node-8"
+    # another host's preparer: its pid means nothing here (it may be dead here and alive there)
+    foreign = out / f".z.npy.{other}.{2**22 + 7}.tmp"
+    old_foreign = out / f".w.npy.{other}.{2**22 + 8}.tmp"
+    for p in (live, dead, foreign, old_foreign):
+        p.write_bytes(b"")
+    day_ago = os.path.getmtime(old_foreign) - cache_mod._FOREIGN_TEMP_AGE_S - 60
+    os.utime(old_foreign, (day_ago, day_ago))
+    assert cache_mod._clean_stale_temps(out) == 2
+    assert live.exists() and foreign.exists() and not dead.exists() and not old_foreign.exists()
 
 
 def test_prepare_reports_failures_without_stopping(snapshot: Path, tmp_path: Path) -> None:
@@ -223,25 +250,35 @@ def test_prepare_parallel_equals_serial(snapshot: Path, tmp_path: Path) -> None:
 
 
 def test_cli(snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--profile/--data-root/--set: the split and one cache per distinct model input of the profile."""
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0
-    assert "--target-spacing" in capsys.readouterr().out
+    assert "--profile" in capsys.readouterr().out
 
-    code = main(["--data-root", str(snapshot), "--cache", str(tmp_path / "cache"), "--size", "16", "18", "12",
-                 "--num-slices", "6", "--workers", "1", "--no-progress"])
-    assert code == 0
-    assert "7 prepared, 0 already cached, 0 failed" in capsys.readouterr().out
-    assert len(list(cache_dir(tmp_path / "cache", PREP).glob("*.npy"))) == 7
+    sets = ["--set", "size_2d=[16,18,12]", "--set", "size_3d=[16,16,12]", "--set", "num_slices=6",
+            "--set", "target_spacing=null"]
+    args = ["--profile", "smoke", "--data-root", str(snapshot), "--work-dir", str(tmp_path / "w"),
+            "--workers", "1", "--no-progress", *sets]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "total: 14 prepared, 0 reused, 0 failed" in out  # 7 volumes x 2 input sizes
+    caches = sorted((tmp_path / "w" / "cache").glob("*/v2-*"))
+    assert [c.name.split("-")[1] for c in caches] == ["16x16x12", "16x18x12"]
+    assert all(len(list(c.glob("*.npy"))) == 7 for c in caches)
+    assert len(list((tmp_path / "w" / "cache").glob("*/split-seed0-*.csv"))) == 1
+    assert main(args) == 0
+    assert "total: 0 prepared, 14 reused" in capsys.readouterr().out
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["--data-root", str(empty), "--cache", str(tmp_path / "c2")]) == 2
-    assert "not a usable CT-RATE snapshot" in capsys.readouterr().err
+    assert main(["--profile", "smoke", "--data-root", str(empty), "--work-dir", str(tmp_path / "w2")]) == 1
+    assert "not a CT-RATE snapshot" in capsys.readouterr().err
 
-    with pytest.raises(SystemExit) as info:
-        main(["--data-root", str(snapshot), "--cache", str(tmp_path), "--num-slices", "500"])
-    assert info.value.code == 2
+    for bad in (["--set", "num_slices=500"], ["--set", "nonsense=1"], ["--workers", "0"]):
+        with pytest.raises(SystemExit) as info:
+            main(["--profile", "smoke", "--data-root", str(snapshot), *bad])
+        assert info.value.code == 2
 
 
 def test_cli_module_help() -> None:
@@ -252,3 +289,34 @@ def test_cli_module_help() -> None:
 
 def test_data_error_is_value_error() -> None:
     assert issubclass(DataError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PreparedVolumes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_prepared_volumes(snapshot: Path, tmp_path: Path) -> None:
+    cohort = load_cohort(snapshot)
+    prep = Preprocessing(size=(16, 18, 12), num_slices=6)
+    prepare(cohort, tmp_path / "cache", prep, workers=1, progress=False)
+    ds = PreparedVolumes(cache_dir(tmp_path / "cache", prep), cohort)
+    assert len(ds) == len(cohort) and ds.names == cohort["VolumeName"].tolist()
+    assert ds.labels.shape == (len(cohort), 18) and ds.labels.dtype == np.float32
+    np.testing.assert_array_equal(ds.labels, cohort[list(CLASSES)].to_numpy())
+    for i in range(len(ds)):
+        volume, labels, name = ds[i]
+        assert volume.dtype == torch.float32 and volume.shape == (6, 18, 16)
+        assert labels.dtype == torch.float32 and labels.shape == (18,)
+        assert name == cohort["VolumeName"][i]
+        expected = prep.apply(read_hu(cohort.iloc[i])).astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(volume.numpy(), expected)
+        np.testing.assert_array_equal(labels.numpy(), cohort.loc[i, list(CLASSES)].to_numpy(np.float32))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    batch, labels, names = next(iter(loader))
+    assert batch.shape == (4, 6, 18, 16) and labels.shape == (4, 18) and len(names) == 4
+
+    missing = cohort.copy()
+    missing.loc[0, "VolumeName"] = "train_77_a_1.nii.gz"
+    with pytest.raises(FileNotFoundError, match="train_77_a_1.nii.gz.*python -m ctlib.cache"):
+        PreparedVolumes(cache_dir(tmp_path / "cache", prep), missing)

@@ -1,4 +1,4 @@
-"""ctlib.data: cohort loading, HU conversion, preprocessing, splits, Table 1, PreparedVolumes."""
+"""ctlib.data: cohort loading, HU conversion, preprocessing, splits, Table 1."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from ctrate_fixtures import (
     SMALL,
     Vol,
@@ -29,7 +28,6 @@ from ctlib.data import (
     LABELS_CSV,
     METADATA_CSV,
     DataError,
-    PreparedVolumes,
     class_table,
     load_cohort,
     parse_volume_name,
@@ -550,36 +548,3 @@ def test_class_table() -> None:
         class_table(cohort, splits.iloc[1:])
     with pytest.raises(ValueError, match="unknown split"):
         class_table(cohort, splits.replace("val", "validation"))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# PreparedVolumes
-# ---------------------------------------------------------------------------------------------------------
-
-
-def test_prepared_volumes(snapshot: Path, tmp_path: Path) -> None:
-    from ctlib.cache import Preprocessing, cache_dir, prepare
-
-    cohort = load_cohort(snapshot)
-    prep = Preprocessing(size=(16, 18, 12), num_slices=6)
-    prepare(cohort, tmp_path / "cache", prep, workers=1, progress=False)
-    ds = PreparedVolumes(cache_dir(tmp_path / "cache", prep), cohort)
-    assert len(ds) == len(cohort) and ds.names == cohort["VolumeName"].tolist()
-    assert ds.labels.shape == (len(cohort), 18) and ds.labels.dtype == np.float32
-    np.testing.assert_array_equal(ds.labels, cohort[list(CLASSES)].to_numpy())
-    for i in range(len(ds)):
-        volume, labels, name = ds[i]
-        assert volume.dtype == torch.float32 and volume.shape == (6, 18, 16)
-        assert labels.dtype == torch.float32 and labels.shape == (18,)
-        assert name == cohort["VolumeName"][i]
-        expected = prep.apply(read_hu(cohort.iloc[i])).astype(np.float16).astype(np.float32)
-        np.testing.assert_array_equal(volume.numpy(), expected)
-        np.testing.assert_array_equal(labels.numpy(), cohort.loc[i, list(CLASSES)].to_numpy(np.float32))
-    loader = torch.utils.data.DataLoader(ds, batch_size=4)
-    batch, labels, names = next(iter(loader))
-    assert batch.shape == (4, 6, 18, 16) and labels.shape == (4, 18) and len(names) == 4
-
-    missing = cohort.copy()
-    missing.loc[0, "VolumeName"] = "train_77_a_1.nii.gz"
-    with pytest.raises(FileNotFoundError, match="train_77_a_1.nii.gz.*run prepare"):
-        PreparedVolumes(cache_dir(tmp_path / "cache", prep), missing)

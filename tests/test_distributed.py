@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 from pathlib import Path
@@ -152,3 +153,77 @@ def test_gather_predictions_checks_shapes():
         D.gather_predictions(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="same rows"):
         D.gather_predictions(torch.arange(3), torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _rank_pid(torchrun_pid: int, rank: int) -> int | None:
+    for pid in _children(torchrun_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+            return pid
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find a rank's process")
+def test_torchrun_rank_sigkilled_mid_epoch_then_restarted(smoke_work_dir, tmp_path):
+    """Two gloo processes; rank 1 is SIGKILLed during epoch 2; the same command restarted ends with the
+    metrics, history and parameters of an undisturbed run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                f"--master_port={_free_port()}", "-m", "ctlib.train", "--profile", "smoke", "--model", "fusion",
+                "--alpha", "learned", "--work-dir", str(smoke_work_dir), "--out", str(out), "--no-progress",
+                "--set", "epochs=3"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(command(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "history.csv").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)  # into epoch 2
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0
+    assert not (out / "metrics.json").exists()
+    epochs_done = len(pd.read_csv(out / "history.csv"))
+    assert 1 <= epochs_done < 3
+
+    again = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming {out} from epoch {epochs_done + 1}" in again.stdout
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "ref", out))
+    for key in ("auroc", "accuracy", "precision", "recall", "alpha_final", "best_epoch", "n_test"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    pa, pb = (torch.load(d / "checkpoints/last.pt", map_location="cpu", weights_only=True)["model"]
+              for d in (tmp_path / "ref", out))
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6, msg=k)
+    ha, hb = (pd.read_csv(d / "history.csv").drop(columns="seconds") for d in (tmp_path / "ref", out))
+    pd.testing.assert_frame_equal(ha, hb, rtol=1e-5)

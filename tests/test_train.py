@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -223,3 +224,79 @@ def test_recalibrate_batchnorm_uses_exact_training_statistics():
     vit = ViT3D(image_size=32, patch_size=8, max_slices=3, dim=16, spatial_depth=1, slice_depth=1,
                 heads=2, dim_head=8, mlp_dim=32)
     assert recalibrate_batchnorm(vit, data, 8, batch_size=4, device=torch.device("cpu"), seed=0) == 0
+
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoints(smoke_profile, tmp_path, monkeypatch):
+    profile = dataclasses.replace(smoke_profile, epochs=3)
+    spec = RunSpec(profile, "vit3d")
+    out = tmp_path / "run"
+    real = torch.nn.BCEWithLogitsLoss.forward
+    calls = {"n": 0}
+    steps_per_epoch = None
+
+    def nan_in_epoch_two(self, logits, labels):
+        calls["n"] += 1
+        loss = real(self, logits, labels)
+        return loss * float("nan") if calls["n"] == steps_per_epoch + 2 else loss
+
+    # steps per epoch on this cohort: training volumes / batch size, rounded up
+    from ctlib.cohort import load_run_data
+
+    n_train = int((load_run_data(profile, "vit3d").splits == "train").sum())
+    steps_per_epoch = -(-n_train // profile.batch_size)
+    monkeypatch.setattr(torch.nn.BCEWithLogitsLoss, "forward", nan_in_epoch_two)
+    with pytest.raises(FloatingPointError, match="at epoch 2, step 2"):
+        train(spec, out, progress=False)
+    assert (out / "checkpoints/best.pt").exists() and not (out / "metrics.json").exists()
+    last = torch.load(out / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 0 and len(pd.read_csv(out / "history.csv")) == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_settings_that_cannot_work_are_rejected_before_any_work(tmp_path, monkeypatch, capsys):
+    from ctlib.profiles import validate
+
+    fresh = get_profile("smoke", work_dir=str(tmp_path / "w"))
+    with pytest.raises(ValueError, match="bootstrap must be a positive integer, got 0"):
+        train(RunSpec(dataclasses.replace(fresh, bootstrap=0), "vit3d"), tmp_path / "a", progress=False)
+    # under torchrun with 2 processes: rejected before the process group or any data work
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="batch_size 3 is not divisible by the 2 processes"):
+        train(RunSpec(dataclasses.replace(fresh, batch_size=3), "vit3d"), tmp_path / "b", progress=False)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(SystemExit, match="unknown profile field 'batchsize'"):
+        main(["--profile", "smoke", "--model", "vit3d", "--out", str(tmp_path / "c"), "--set", "batchsize=4"])
+    with pytest.raises(SystemExit, match="bootstrap must be"):
+        main(["--profile", "smoke", "--model", "vit3d", "--out", str(tmp_path / "c"), "--set", "bootstrap=0"])
+    assert not (tmp_path / "w").exists() and not any((tmp_path / d).exists() for d in "abc")
+    validate(fresh, 4)  # smoke's batch of 4 over 4 processes is fine
+    (tmp_path / "p.json").write_text(json.dumps({**fresh.to_dict(), "nonsense": 1}))
+    with pytest.raises(ValueError, match="unknown profile field"):
+        load_profile(tmp_path / "p.json")
+
+
+def test_resume_on_another_split_is_refused(smoke_profile, tmp_path):
+    from ctlib.cohort import split_file
+
+    profile = dataclasses.replace(smoke_profile, epochs=2, work_dir=str(tmp_path / "w"))
+    shutil.copytree(smoke_profile.work_dir, profile.work_dir)
+    spec = RunSpec(profile, "vit3d")
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(spec, tmp_path / "run", after_epoch=kill, progress=False)
+    # the split file changes under the run (one patient moved from train to test)
+    path = split_file(profile)
+    table = pd.read_csv(path)
+    moved = table.index[table["split"] == "train"][0]
+    table.loc[table["patient"] == table.loc[moved, "patient"], "split"] = "test"
+    path.write_text(table.to_csv(index=False))
+    with pytest.raises(RuntimeError, match="another cohort or split"):
+        train(spec, tmp_path / "run", progress=False)

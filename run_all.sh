@@ -5,6 +5,8 @@
 #   bash run_all.sh --tests              # set up, then run the test suite
 #   bash run_all.sh --lab                # set up, then JupyterLab in notebooks/ (127.0.0.1, with a token)
 #   bash run_all.sh --profile paper --data-root /data/CT-RATE    # CT-RATE on all visible GPUs
+#   bash run_all.sh --profile paper --data-root /data/CT-RATE \
+#       --launcher "srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500"
 #
 # Set-up is automatic: an active virtualenv/conda env that already has ctlib is used as it is;
 # otherwise a local .venv is created with the exact versions of requirements-lock.txt (then
@@ -21,6 +23,7 @@ PROFILE=demo
 DATA_ROOT=""
 SEED=0
 GPUS=""
+LAUNCHER=""
 REDO=False
 ONLY=""
 OUT_ROOT="$HERE"
@@ -42,6 +45,10 @@ Options:
   --data-root DIR   a CT-RATE snapshot (folder holding dataset/); default: the synthetic dataset
   --seed N          training seed (default 0); outputs of seed N>0 are tagged <profile>-seedN
   --gpus N          processes per training run (default: all visible GPUs, or 1 on CPU)
+  --launcher CMD    command prefix that starts each training run instead of the default
+                    `torchrun --standalone --nproc_per_node=<gpus>`, e.g. on a cluster
+                    "srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500"
+                    (followed by `-m ctlib.train ...`; run folders and caches must be on a shared filesystem)
   --only LIST       run only these notebooks, e.g. --only 01,06
   --out DIR         root for data/, runs/, figures/, results/ (default: this folder)
   --notebooks DIR   the notebooks to run (default: notebooks/)
@@ -65,6 +72,7 @@ while [[ $# -gt 0 ]]; do
     --data-root) DATA_ROOT="$2"; shift 2 ;;
     --seed) SEED="$2"; shift 2 ;;
     --gpus) GPUS="$2"; shift 2 ;;
+    --launcher) LAUNCHER="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
     --out) mkdir -p "$2"; OUT_ROOT="$(cd "$2" && pwd)"; shift 2 ;;
     --notebooks) NB_DIR="$(cd "$2" && pwd)"; shift 2 ;;
@@ -196,6 +204,7 @@ params=(-p profile "$PROFILE" -p work_dir "$WORK" -p runs_dir "$RUNS" -p figures
         -p results_dir "$RESULTS" -p seed "$SEED" -p redo "$REDO")
 [[ -n "$DATA_ROOT" ]] && params+=(-p data_root "$(cd "$DATA_ROOT" && pwd)")
 [[ -n "$GPUS" ]] && params+=(-p gpus "$GPUS")
+[[ -n "$LAUNCHER" ]] && params+=(-p launcher "$LAUNCHER")
 
 declare -a failed=() timings=()
 start_all=$SECONDS

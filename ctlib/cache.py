@@ -474,10 +474,13 @@ def _write_settings(folder: Path, prep: Preprocessing) -> None:
         if old is not None and {k: old.get(k) for k in settings} != settings:
             raise ValueError(f"{path} holds other settings ({old}) than {settings}: not mixing caches")
     doc = {**settings, "key": prep.key, "dtype": np.dtype(CACHE_DTYPE).name, "layout": "(S, H, W) = (Z, Y, X)"}
-    _atomic_text(path, json.dumps(doc, indent=2) + "\n")
+    text = json.dumps(doc, indent=2) + "\n"
+    if path.is_file() and path.read_text() == text:
+        return  # unchanged: concurrent shards never rewrite it
+    _atomic_text(path, text)
 
 
-def _write_failures(folder: Path, failed: dict[str, str]) -> None:
+def _write_failures(folder: Path, failed: dict[str, str], name: str = FAILURES_CSV) -> None:
     def write(f: Any) -> None:
         text = io.StringIO()
         w = csv.writer(text)
@@ -485,7 +488,7 @@ def _write_failures(folder: Path, failed: dict[str, str]) -> None:
         w.writerows(failed.items())
         f.write(text.getvalue().encode("utf-8"))
 
-    _atomic_write(folder / FAILURES_CSV, write)
+    _atomic_write(folder / name, write)
 
 
 def _verify_existing(tasks: list[dict[str, Any]], out: Path, prep: Preprocessing, report: PrepareReport,
@@ -542,6 +545,7 @@ def prepare(
     *,
     workers: int = 2,
     progress: bool = True,
+    failures_name: str = FAILURES_CSV,
 ) -> PrepareReport:
     """Preprocess every cohort volume not yet (soundly) cached into ``cache_dir(cache_root, prep)``.
 
@@ -558,6 +562,7 @@ def prepare(
         prep: the preprocessing (default: the paper's).
         workers: processes (spawned); 1 runs in this process.
         progress: show tqdm progress bars (with an ETA).
+        failures_name: the failures file (a shard writes its own: ``ctlib.shards``).
 
     Returns:
         PrepareReport with ``done``, ``skipped`` (reused), ``failed`` and ``remade``.
@@ -604,7 +609,7 @@ def prepare(
     report.done.sort()
     report.skipped.sort()
     report.failed = dict(sorted(report.failed.items()))
-    _write_failures(out, report.failed)
+    _write_failures(out, report.failed, failures_name)
     report.seconds = time.time() - t0
     logger.info("%s", report.summary())
     return report

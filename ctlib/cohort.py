@@ -14,7 +14,7 @@
    the marker and every entry's header and size, and stops with the command that prepares what is missing.
 
 ``main`` is the command line ``python -m ctlib.cache --profile NAME [--data-root DIR] [--work-dir DIR]
-[--workers N] [--set FIELD=VALUE]``.
+[--workers N] [--set FIELD=VALUE] [--shard K/N]`` (``--shard``: ``ctlib.shards``, preparation on N machines).
 """
 
 from __future__ import annotations
@@ -188,12 +188,15 @@ def fixed_split(profile: Profile, cohort: pd.DataFrame | None = None) -> FixedSp
                              "split": splits.to_numpy()}).to_csv(index=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         # The .json first: killed before the CSV, the next call makes the same CSV again (deterministic).
-        _atomic_text(meta, json.dumps({"cohort_sha256": csha, "split_sha256": _sha256(text.encode()),
-                                       "n_volumes": len(cohort), "n_patients": int(cohort["patient"].nunique()),
-                                       "fractions": list(profile.fractions), "split_seed": profile.split_seed},
-                                      indent=2) + "\n")
-        _atomic_text(path, text)
-        log.info("wrote the split of %d volumes to %s", len(cohort), path)
+        # Both are created only if absent, so concurrent preparers (shards) never write the same file.
+        meta_text = json.dumps({"cohort_sha256": csha, "split_sha256": _sha256(text.encode()),
+                                "n_volumes": len(cohort), "n_patients": int(cohort["patient"].nunique()),
+                                "fractions": list(profile.fractions), "split_seed": profile.split_seed},
+                               indent=2) + "\n"
+        if not _create_once(meta, meta_text) and json.loads(meta.read_text()).get("cohort_sha256") != csha:
+            _atomic_text(meta, meta_text)  # left by a killed call on another cohort, before its CSV existed
+        if _create_once(path, text):
+            log.info("wrote the split of %d volumes to %s", len(cohort), path)
     raw = path.read_bytes()
     info = json.loads(meta.read_text()) if meta.is_file() else {}
     if info.get("cohort_sha256") != csha:
@@ -206,6 +209,20 @@ def fixed_split(profile: Profile, cohort: pd.DataFrame | None = None) -> FixedSp
     split_of = dict(zip(table["VolumeName"], table["split"], strict=True))
     splits = pd.Series([split_of[n] for n in cohort["VolumeName"]], index=cohort.index, name="split", dtype="str")
     return FixedSplit(cohort, splits, path, _sha256(raw))
+
+
+def _create_once(path: Path, text: str) -> bool:
+    """Atomically create ``path`` with ``text`` unless it exists (a complete temp file hard-linked into place);
+    returns whether this call created it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    _atomic_text(tmp, text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _ready_path(folder: Path, split_sha: str) -> Path:
@@ -377,12 +394,18 @@ def _parser() -> argparse.ArgumentParser:
                                                              "prepare_workers)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a profile field, exactly as for python -m ctlib.train")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="prepare only shard K of N (0 <= K < N; a hash of each VolumeName decides) into the "
+                        "shared cache, so N machines or a job array prepare in parallel; afterwards run once "
+                        "without --shard (it checks everything and writes the ready markers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (1: preparation failed, 2: bad arguments)."""
+    from ctlib.shards import parse_shard, prepare_shard  # ctlib.shards imports this module
+
     parser = _parser()
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
@@ -397,10 +420,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["prepare_workers"] = args.workers
         profile = get_profile(args.profile, **overrides)
         validate(profile)
+        shard = None if args.shard is None else parse_shard(args.shard)
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if shard is not None:
+            print(prepare_shard(profile, *shard, progress=not args.no_progress).summary())
+            return 0
         prepared = prepare_profile(profile, progress=not args.no_progress)
     except (DataError, PreparationError, CacheNotReady, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

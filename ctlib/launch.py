@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -66,13 +67,23 @@ def torchrun_command(
     overrides: Sequence[str] = (),
     redo: bool = False,
     progress: bool = False,
+    launcher: str | None = None,
 ) -> list[str]:
-    """The ``torchrun`` command line for one run of :mod:`ctlib.train`."""
+    """The ``torchrun`` command line for one run of :mod:`ctlib.train`.
+
+    ``launcher``: None or "" runs today's one-node ``torchrun --standalone --nproc_per_node=<processes>``;
+    otherwise a command prefix for clusters, split with ``shlex`` and followed by ``-m ctlib.train ...``, e.g.
+    ``"srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint node01:29500"``
+    (``processes`` is then ignored: the prefix says how many).
+    """
     nproc = default_processes() if processes is None else int(processes)
     if nproc < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ctlib.train", "--profile", profile, "--model", model, "--out", str(out)]
+    if launcher and launcher.strip():
+        prefix = shlex.split(launcher)
+    else:
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*prefix, "-m", "ctlib.train", "--profile", profile, "--model", model, "--out", str(out)]
     if model == "fusion":
         model_alpha, extra = fusion_settings(alpha)
         cmd += ["--alpha", str(model_alpha)]
@@ -146,12 +157,13 @@ def paper_outputs(profile: str, *, data_root: str | Path | None = None, work_dir
 
 
 def train_run(outputs: PaperOutputs, model: str, alpha: float | str | None = None, *,
-              processes: int | None = None, redo: bool = False) -> Path:
+              processes: int | None = None, redo: bool = False, launcher: str | None = None) -> Path:
     """Prepares the data in this process, then trains one run with ``torchrun`` unless it is complete.
 
     Preparation is ``ctlib.cohort.prepare_profile``, the function behind ``python -m ctlib.cache``: it runs
     here, before any process group exists, and the ranks then only read. Returns the run folder. A finished
-    run with the same settings and split is reused unless ``redo``.
+    run with the same settings and split is reused unless ``redo``. ``launcher``: see :func:`torchrun_command`
+    (a cluster prefix such as ``srun torchrun --nnodes 4 ...``; "" or None for one node).
     """
     from ctlib.cohort import prepare_profile
     from ctlib.train import RunSpec, run_is_complete
@@ -169,5 +181,5 @@ def train_run(outputs: PaperOutputs, model: str, alpha: float | str | None = Non
         return run_dir
     run_streaming(torchrun_command(profile=prof.name, model=model, alpha=alpha, out=run_dir,
                                    processes=processes, data_root=prof.data_root, work_dir=prof.work_dir,
-                                   seed=outputs.seed, redo=redo))
+                                   seed=outputs.seed, redo=redo, launcher=launcher))
     return run_dir

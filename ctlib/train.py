@@ -64,6 +64,7 @@ from ctlib.cohort import (  # noqa: F401  (ensure_dataset, prepare_data, preproc
 from ctlib.data import CLASSES
 from ctlib.metrics import bootstrap_auroc, evaluate, predictions_frame, score
 from ctlib.models import Fusion, ResNet2D, ViT3D, resnet2d_with_fallback
+from ctlib.multinode import NotShared, check_same_start, check_shared_folders
 from ctlib.profiles import MODELS, Profile, get_profile, load_profile, parse_overrides, save_profile, validate
 
 log = logging.getLogger("ctlib.train")
@@ -440,6 +441,8 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
             if redo:
                 for name in ("metrics.json", "history.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
                     (out / name).unlink(missing_ok=True)
+        # several nodes: the run folder and the cache must be one shared filesystem (NotShared otherwise)
+        check_shared_folders([out, data.cache_dir])
         if dist_utils.broadcast_object(main and not redo and run_is_complete(out, spec, data.key)):
             if main:
                 log.info("%s is complete (metrics.json present); use --redo to train again", out)
@@ -453,6 +456,7 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
             if len(sub) == 0:
                 raise ValueError(f"the {s} split is empty: the cohort has {len(data.cohort)} volumes")
         t = build_training(spec, data, out, device, world)
+        check_same_start(t.start_epoch, out / "checkpoints" / "last.pt")  # every rank read the same last.pt
         if main:
             _write_config(spec, data, out, parts, world, device, t.model)
 
@@ -632,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--alpha applies to --model fusion only")
     try:
         train(RunSpec(profile, args.model, alpha), args.out, redo=args.redo, progress=not args.no_progress)
-    except (CacheNotReady, ValueError) as err:  # said plainly, without a traceback
+    except (CacheNotReady, NotShared, ValueError) as err:  # said plainly, without a traceback
         raise SystemExit(f"error: {err}") from None
     return 0
 

@@ -34,6 +34,7 @@ runs_dir = "../runs"
 figures_dir = "../figures"
 results_dir = "../results"
 gpus = None
+launcher = ""  # "": torchrun --standalone here; or a cluster prefix, e.g. "srun torchrun --nnodes 4 ..."
 seed = 0
 redo = False
 
@@ -69,11 +70,12 @@ print(f"{len(cohort)} volumes of {cohort['patient'].nunique()} patients, prepare
 # ## Training
 #
 # `torchrun` launches `python -m ctlib.train` with one process per GPU (or `gpus` processes; one on
-# CPU). Its log streams below and a failure stops the notebook. A finished run with the same settings
+# CPU), or the cluster command prefix `launcher` does (multi-node: see the README). Its log streams
+# below and a failure stops the notebook. A finished run with the same settings
 # is reused unless `redo`.
 
 # %%
-train_run(out, MODEL, ALPHA, processes=gpus, redo=redo)
+train_run(out, MODEL, ALPHA, processes=gpus, launcher=launcher, redo=redo)
 
 # %% [markdown]
 # ## Learning curves

@@ -35,6 +35,7 @@ runs_dir = "../runs"
 figures_dir = "../figures"
 results_dir = "../results"
 gpus = None
+launcher = ""  # "": torchrun --standalone here; or a cluster prefix, e.g. "srun torchrun --nnodes 4 ..."
 seed = 0
 redo = False
 
@@ -67,7 +68,7 @@ print(f"profile {prof.name}: alphas {list(alpha_label.values())} -> {out.runs}")
 # %%
 for alpha in ALPHAS:
     # notebook 04 owns (and redoes) alpha = 1
-    train_run(out, "fusion", alpha, processes=gpus, redo=redo and alpha != 1.0)
+    train_run(out, "fusion", alpha, processes=gpus, launcher=launcher, redo=redo and alpha != 1.0)
 
 # %% [markdown]
 # ## Table 3

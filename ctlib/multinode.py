@@ -12,6 +12,7 @@ Both are no-ops in a single process.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
@@ -44,10 +45,19 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _listing(folder: Path) -> str | None:
+    try:
+        return hashlib.sha256("\n".join(sorted(os.listdir(folder))).encode()).hexdigest()
+    except OSError:
+        return None
+
+
 def check_shared_folders(folders: Sequence[str | Path]) -> None:
     """Every rank must read back the random token rank 0 wrote into each of ``folders``.
 
-    The token file is ``<folder>/.ctlib-shared-check-<token>``; rank 0 removes it after the check.
+    The token file is ``<folder>/.ctlib-shared-check-<token>``; rank 0 removes it after the check. A folder
+    rank 0 cannot write into (a read-only cache mount) is checked by its listing instead: every rank must
+    see the same file names as rank 0.
 
     Raises:
         NotShared: on every rank, naming each folder and the (rank, host) pairs that could not read it.
@@ -58,19 +68,27 @@ def check_shared_folders(folders: Sequence[str | Path]) -> None:
     token = secrets.token_hex(16) if rank == 0 else None
     token = dist_utils.broadcast_object(token)
     name = TOKEN_PREFIX + token
+    read_only = []
     if rank == 0:
         for folder in folders:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            tmp = Path(folder) / f"{name}.tmp"
-            tmp.write_text(token)
-            os.replace(tmp, Path(folder) / name)
-    dist_utils.barrier()
-    missing = [str(folder) for folder in folders if _read(Path(folder) / name) != token]
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                tmp = Path(folder) / f"{name}.tmp"
+                tmp.write_text(token)
+                os.replace(tmp, Path(folder) / name)
+            except OSError:
+                read_only.append(str(folder))
+    read_only = dist_utils.broadcast_object(read_only)
+    listings = dist_utils.broadcast_object({f: _listing(Path(f)) for f in read_only} if rank == 0 else None)
+    missing = [str(folder) for folder in folders if str(folder) not in read_only
+               and _read(Path(folder) / name) != token]
+    missing += [f for f in read_only if _listing(Path(f)) != listings[f]]
     views = _all_gather((rank, host, missing))
     dist_utils.barrier()
     if rank == 0:
         for folder in folders:
-            (Path(folder) / name).unlink(missing_ok=True)
+            if str(folder) not in read_only:
+                (Path(folder) / name).unlink(missing_ok=True)
     bad = [(r, h, m) for r, h, m in views if m]
     if bad:
         where = "; ".join(f"rank {r} on host {h} cannot see {', '.join(m)}" for r, h, m in bad)

@@ -144,9 +144,11 @@ def test_two_nodes_train_the_same_run_as_one_node(smoke_work_dir, tmp_path):
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert ma.keys() == mb.keys()
     for key in ma:
+        if "second" in key:
+            continue
         if isinstance(ma[key], float):
             assert ma[key] == pytest.approx(mb[key], rel=1e-5, abs=1e-6), key
-        elif "second" not in key:
+        else:
             assert ma[key] == mb[key], key
     pa, pb = (pd.read_csv(d / "predictions.csv") for d in (one, two))
     assert list(pa["VolumeName"]) == list(pb["VolumeName"]) and len(pa) > 0

@@ -33,6 +33,7 @@ runs_dir = "../runs"
 figures_dir = "../figures"
 results_dir = "../results"
 gpus = None
+launcher = ""  # "": torchrun --standalone here; or a cluster prefix, e.g. "srun torchrun --nnodes 4 ..."
 seed = 0
 redo = False
 

@@ -38,6 +38,7 @@ PARAMETERS = {
     "figures_dir": "../figures",
     "results_dir": "../results",
     "gpus": None,
+    "launcher": "",
     "seed": 0,
     "redo": False,
 }

@@ -363,14 +363,18 @@ class PreparedVolumes(Dataset):
 
     Item i -> ``(volume, labels, name)``: float32 tensor (S, H, W), float32 tensor (18,), VolumeName. Each
     read checks the entry's header, size and checksum; any error names the file (also in a DataLoader worker).
+    With ``float16=True`` the volume is the stored float16 tensor (S, H, W) itself: half the bytes to pin and
+    copy to a GPU, cast there (``.float()`` gives exactly the float32 values of the default).
 
     Args:
         cache_dir: the folder holding the ``.npy`` files (``cache_dir(root, prep)``).
         cohort: DataFrame with ``VolumeName`` and the ``CLASSES`` columns; every volume must be cached.
         shape: expected (S, H, W) of every entry (default: from the folder's ``preprocessing.json``).
+        float16: give volumes as the cache's float16 instead of float32.
     """
 
-    def __init__(self, cache_dir: StrPath, cohort: pd.DataFrame, shape: Sequence[int] | None = None) -> None:
+    def __init__(self, cache_dir: StrPath, cohort: pd.DataFrame, shape: Sequence[int] | None = None, *,
+                 float16: bool = False) -> None:
         missing_cols = [c for c in ("VolumeName", *CLASSES) if c not in cohort.columns]
         if missing_cols:
             raise ValueError(f"cohort lacks column(s) {missing_cols}")
@@ -378,6 +382,7 @@ class PreparedVolumes(Dataset):
         if shape is None and (self.cache_dir / SETTINGS_JSON).is_file():
             shape = load_settings(self.cache_dir).shape
         self.shape = None if shape is None else tuple(int(s) for s in shape)
+        self.float16 = bool(float16)
         self._names = [str(n) for n in cohort["VolumeName"].tolist()]
         self._labels = cohort[list(CLASSES)].to_numpy(dtype=np.float32)
         missing = [n for n in self._names if not prepared_path(self.cache_dir, n).is_file()]
@@ -407,7 +412,7 @@ class PreparedVolumes(Dataset):
             raise
         except Exception as err:  # anything else: say which volume
             raise CacheError(f"{path} (volume {name}): {type(err).__name__}: {err}") from err
-        volume = torch.from_numpy(data.astype(np.float32))
+        volume = torch.from_numpy(data if self.float16 else data.astype(np.float32))
         return volume, torch.from_numpy(self._labels[i].copy()), name
 
     @property

@@ -67,6 +67,10 @@ class Profile:
     plateau_patience: int = 2
     seed: int = 0
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # Linear learning-rate warm-up over the first warmup_steps optimisation steps (ctlib.train.warmup_factor);
+    # 0: none, the paper's loop. ReduceLROnPlateau acts on the unscaled rate.
+    warmup_steps: int = 0
+    compile: bool = False  # torch.compile the training model (opt-in; same outputs within float tolerance)
     num_workers: int = 4  # DataLoader workers per process
     eval_batch_size: int = 8
     bootstrap: int = 1000  # resamples for per-class AUROC confidence intervals
@@ -190,7 +194,7 @@ def validate(profile: Profile, world_size: int = 1) -> None:
         value = getattr(profile, name)
         need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
              f"{name} must be a positive integer, got {value!r}")
-    for name in ("num_workers", "bn_recalibration", "seed", "split_seed"):
+    for name in ("num_workers", "bn_recalibration", "seed", "split_seed", "warmup_steps"):
         value = getattr(profile, name)
         need(isinstance(value, int) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
     need(world_size >= 1, f"world size must be >= 1, got {world_size}")

@@ -68,6 +68,7 @@ from ctlib.multinode import NotShared, check_same_start, check_shared_folders
 from ctlib.profiles import MODELS, Profile, get_profile, load_profile, parse_overrides, save_profile, validate
 
 log = logging.getLogger("ctlib.train")
+LATER_FIELDS: dict[str, Any] = {"warmup_steps": 0, "compile": False}
 
 
 def make_splits(cohort: pd.DataFrame, profile: Profile) -> pd.Series:
@@ -142,6 +143,10 @@ class RunSpec:
         # Where data and work files live, and how they are read, does not change the result; the rest does.
         d["profile"] = {k: v for k, v in d["profile"].items() if k not in (
             "work_dir", "num_workers", "prepare_workers", "extra", "dist_timeout_minutes", "max_failed_fraction")}
+        # Fields added later are left out at their defaults, so runs made before them keep their fingerprint.
+        for name, default in LATER_FIELDS.items():
+            if d["profile"].get(name, default) == default:
+                d["profile"].pop(name, None)
         d["data_key"] = data_key
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -174,7 +179,33 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The plain model inside ``torch.compile`` and DistributedDataParallel wrappers (for state dicts)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _loader(dataset: Any, *, batch_size: int, sampler: Any, device: torch.device, num_workers: int,
+            persistent: bool = False, generator: torch.Generator | None = None) -> DataLoader:
+    """The DataLoader of training, prediction and recalibration alike: ``num_workers`` reading processes and
+    pinned memory on CUDA (so that the float16 batch crosses to the device asynchronously). Each iterator
+    draws its workers' base seed from ``generator`` (default: the global RNG)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
+                      generator=generator)
+
+
+def to_device(volumes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A (B, S, H, W) batch, float16 as the cache stores it, to ``device`` and float32 there.
+
+    Half the bytes cross the bus; the cast float16 -> float32 is exact, so the values equal those of a
+    float32 batch made on the host.
+    """
+    return volumes.to(device, non_blocking=True).float()
 
 
 def _alpha_beta(model: nn.Module) -> tuple[float, float]:
@@ -186,8 +217,9 @@ def _alpha_beta(model: nn.Module) -> tuple[float, float]:
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: PreparedVolumes | Subset, *, batch_size: int, device: torch.device,
-            bf16: bool = False, progress: bool = False, desc: str = "predict") -> dict[str, np.ndarray]:
-    """Scores every volume of ``dataset`` exactly once, across all ranks.
+            bf16: bool = False, progress: bool = False, desc: str = "predict",
+            num_workers: int = 0) -> dict[str, np.ndarray]:
+    """Scores every volume of ``dataset`` exactly once, across all ranks (``num_workers`` loader processes).
 
     Returns ``index`` (N,), ``logits`` (N, 18), ``probs`` (N, 18), ``labels`` (N, 18) and
     ``features`` (N, D), sorted by dataset index, identical on every rank.
@@ -195,14 +227,14 @@ def predict(model: nn.Module, dataset: PreparedVolumes | Subset, *, batch_size: 
     model.eval()
     world = dist_utils.world_size()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=dist_utils.rank(), shuffle=False)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0)
+    loader = _loader(dataset, batch_size=batch_size, sampler=sampler, device=device, num_workers=num_workers)
     positions = list(iter(sampler))
     idx_all, out_all, lab_all = [], [], []
     seen = 0
     it = tqdm(loader, desc=desc, leave=False, disable=not (progress and dist_utils.is_main()))
     for volumes, labels, _names in it:
         n = volumes.shape[0]
-        volumes = volumes.to(device, non_blocking=True)
+        volumes = to_device(volumes, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
             logits, feats = _unwrap(model)(volumes, return_features=True)
         out_all.append(torch.cat([logits.float(), feats.float()], dim=1).cpu())
@@ -218,7 +250,7 @@ def predict(model: nn.Module, dataset: PreparedVolumes | Subset, *, batch_size: 
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, dataset: PreparedVolumes | Subset, n_volumes: int, *,
-                          batch_size: int, device: torch.device, seed: int) -> int:
+                          batch_size: int, device: torch.device, seed: int, num_workers: int = 0) -> int:
     """Recomputes the running statistics of every BatchNorm layer of ``model`` on training data.
 
     The running mean and variance that ``eval()`` uses are an exponential average (momentum 0.1) of
@@ -245,10 +277,12 @@ def recalibrate_batchnorm(model: nn.Module, dataset: PreparedVolumes | Subset, n
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all the batches below
         bn.train()
+    # Its own generator: the global RNG stays untouched (a resumed run stays identical).
+    loader = _loader(Subset(dataset, chosen.tolist()), batch_size=batch_size, sampler=None, device=device,
+                     num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     try:
-        for start in range(0, len(chosen), batch_size):
-            volumes = torch.stack([dataset[int(i)][0] for i in chosen[start:start + batch_size]])
-            _unwrap(model)(volumes.to(device))
+        for batch in loader:  # in the chosen order, batch_size at a time; batch[0]: (B, S, H, W)
+            _unwrap(model)(to_device(batch[0], device))
     finally:
         for bn, momentum in zip(bns, momenta, strict=True):
             bn.momentum = momentum
@@ -288,6 +322,33 @@ class Training:
     history: list[dict[str, float]]
     best_val: float = math.inf
     start_epoch: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random state a resumed run needs: the CPU generator's and, on CUDA, this device's generator's."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(saved: dict[str, Any], device: torch.device) -> None:
+    """Undo :func:`rng_state` from a checkpoint; a CUDA state is restored only on a CUDA device."""
+    torch.set_rng_state(saved["rng"])
+    if device.type == "cuda" and "cuda_rng" in saved:
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+
+
+def accelerate(model: nn.Module, profile: Profile, device: torch.device) -> nn.Module:
+    """Layout and compilation that change speed, not the model: channels-last for the ResNet's convolutions
+    on CUDA (cuDNN's fast NHWC kernels), and ``torch.compile`` when ``profile.compile``. Returns the model to
+    train (the compiled wrapper shares its parameters with ``model``)."""
+    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    if profile.compile:
+        model = torch.compile(model)
+    return model
 
 
 def build_training(spec: RunSpec, data: RunData, out: Path, device: torch.device, world: int) -> Training:
@@ -298,10 +359,13 @@ def build_training(spec: RunSpec, data: RunData, out: Path, device: torch.device
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
+    model = accelerate(model, profile, device)
+    # One fused kernel per step on CUDA instead of one launch per parameter tensor (same update).
+    opt = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay,
+                            fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=profile.plateau_factor, patience=profile.plateau_patience)
-    state = Training(model, opt, sched, [])
+    state = Training(model, opt, sched, [], device=device)
     last = out / "checkpoints" / "last.pt"
     if not last.exists():
         return state
@@ -322,55 +386,91 @@ def build_training(spec: RunSpec, data: RunData, out: Path, device: torch.device
     state.history = list(saved["history"])
     state.best_val = float(saved["best_val_loss"])
     state.start_epoch = int(saved["epoch"]) + 1
-    torch.set_rng_state(saved["rng"])
+    restore_rng_state(saved, device)
     if dist_utils.is_main():
         log.info("resuming %s from epoch %d", out, state.start_epoch + 1)
     return state
+
+
+LOG_EVERY = 25  # training steps between reads of the loss on the host (progress bar, non-finite check)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning-rate multiplier of global optimisation step ``step`` (0-based): linear from
+    1/warmup_steps to 1 over the first ``warmup_steps`` steps, then 1."""
+    return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
+
+
+def _check_finite(bad_step: torch.Tensor, epoch: int) -> None:
+    """Raise, on every rank alike, when any rank saw a non-finite loss; ``bad_step`` is that rank's first bad
+    0-based step, or -1 (a device tensor: reading it is the one host synchronisation)."""
+    step = int(bad_step)
+    if dist_utils.all_reduce_mean(0.0 if step < 0 else 1.0) > 0:
+        where = f"step {step + 1} on rank {dist_utils.rank()}" if step >= 0 else "another rank"
+        raise FloatingPointError(
+            f"non-finite training loss at epoch {epoch + 1}, {where}: stopping; the checkpoints of the last good "
+            f"epoch ({epoch}) are kept. Lower lr, or check the data")
 
 
 def train_epoch(t: Training, loader: DataLoader, epoch: int, *, profile: Profile, device: torch.device,
                 progress: bool) -> float:
     """Step 3, one epoch of the loop; returns the mean training loss over ranks.
 
+    No host synchronisation per step: the loss sum (float64, the same sum as in Python floats) and the first
+    step with a non-finite loss stay on the device and are read every ``LOG_EVERY`` steps and at the end.
+    With ``profile.warmup_steps`` the learning rate of global step g is scaled by :func:`warmup_factor`; the
+    unscaled rate is restored at the end of the epoch, so ReduceLROnPlateau and checkpoints see it.
+
     Raises:
-        FloatingPointError: a non-finite loss on any rank (every rank stops at the same step), naming the
-            epoch and step; the checkpoints of the last good epoch stay as they are.
+        FloatingPointError: a non-finite loss on any rank (every rank stops at the same check), naming the
+            epoch and the first bad step; the checkpoints of the last good epoch stay as they are.
     """
     use_bf16 = profile.bf16 and device.type == "cuda"
     loss_fn = nn.BCEWithLogitsLoss()
     t.model.train()
-    total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs} train", leave=False,
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    count = 0
+    steps = len(loader) if profile.max_steps_per_epoch is None else min(len(loader), profile.max_steps_per_epoch)
+    lrs = [g["lr"] for g in t.opt.param_groups]
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs} train", leave=False, total=steps,
                disable=not (progress and dist_utils.is_main()))
-    for step, (volumes, labels, _names) in enumerate(bar):
-        if profile.max_steps_per_epoch is not None and step >= profile.max_steps_per_epoch:
-            break
-        volumes, labels = volumes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = t.model(volumes)
-        loss = loss_fn(logits.float(), labels)
-        value = float(loss.detach())
-        if dist_utils.all_reduce_mean(0.0 if math.isfinite(value) else 1.0) > 0:
-            raise FloatingPointError(
-                f"non-finite training loss ({value} on rank {dist_utils.rank()}) at epoch {epoch + 1}, step "
-                f"{step + 1}: stopping; the checkpoints of the last good epoch ({epoch}) are kept. Lower lr, "
-                "or check the data")
-        t.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        t.opt.step()
-        total += value * volumes.shape[0]
-        count += volumes.shape[0]
-        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-    return dist_utils.all_reduce_mean(total / max(count, 1))
+    try:
+        for step, (volumes, labels, _names) in enumerate(bar):
+            if step >= steps:
+                break
+            factor = warmup_factor(epoch * steps + step, profile.warmup_steps)
+            for g, lr in zip(t.opt.param_groups, lrs, strict=True):
+                g["lr"] = lr * factor
+            volumes, labels = to_device(volumes, device), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = t.model(volumes)
+            loss = loss_fn(logits.float(), labels)
+            t.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t.opt.step()
+            loss = loss.detach()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+            total += loss.double() * volumes.shape[0]
+            count += volumes.shape[0]
+            if (step + 1) % LOG_EVERY == 0:
+                _check_finite(bad_step, epoch)
+                bar.set_postfix(loss=f"{float(total) / count:.4f}")
+        _check_finite(bad_step, epoch)
+    finally:
+        for g, lr in zip(t.opt.param_groups, lrs, strict=True):
+            g["lr"] = lr
+    return dist_utils.all_reduce_mean(float(total) / max(count, 1))
 
 
 def validate_epoch(t: Training, parts: dict[str, Subset], epoch: int, *, profile: Profile, device: torch.device,
                    progress: bool, per_rank: int) -> dict[str, float]:
     """Step 3, end of an epoch: BatchNorm recalibration, validation, scheduler; returns the history row."""
     recalibrate_batchnorm(t.model, parts["train"], profile.bn_recalibration, batch_size=per_rank, device=device,
-                          seed=profile.seed * 1000 + epoch)
+                          seed=profile.seed * 1000 + epoch, num_workers=profile.num_workers)
     val = predict(t.model, parts["val"], batch_size=profile.eval_batch_size, device=device,
-                  bf16=profile.bf16 and device.type == "cuda", progress=progress, desc=f"epoch {epoch + 1} val")
+                  bf16=profile.bf16 and device.type == "cuda", progress=progress, desc=f"epoch {epoch + 1} val",
+                  num_workers=profile.num_workers)
     val_loss = _bce(val["logits"], val["labels"])
     t.sched.step(val_loss)
     alpha, beta = _alpha_beta(t.model)
@@ -393,7 +493,7 @@ def save_epoch(t: Training, row: dict[str, float], out: Path, fp: str, data_key:
         _atomic_torch_save({"model": state, "epoch": epoch, "fingerprint": fp}, ckpt_dir / "best.pt")
     _atomic_torch_save({"model": state, "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
                         "epoch": epoch, "history": t.history, "best_val_loss": t.best_val,
-                        "rng": torch.get_rng_state(), "fingerprint": fp, "data_key": data_key},
+                        **rng_state(t.device), "fingerprint": fp, "data_key": data_key},
                        ckpt_dir / "last.pt")
     _write_history(out / "history.csv", t.history)
     log.info("epoch %d/%d  train %.4f  val %.4f  val AUROC %.3f  lr %.2g%s  %.0fs", row["epoch"],
@@ -449,7 +549,8 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
                 return json.loads((out / "metrics.json").read_text())
             return None
 
-        dataset = PreparedVolumes(data.cache_dir, data.cohort, data.shape)
+        # float16 as stored: half the bytes to read, pin and copy; cast on the device (to_device)
+        dataset = PreparedVolumes(data.cache_dir, data.cohort, data.shape, float16=True)
         parts = {s: Subset(dataset, np.flatnonzero((data.splits == s).to_numpy()).tolist())
                  for s in ("train", "val", "test")}
         for s, sub in parts.items():
@@ -463,9 +564,8 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
         per_rank = profile.batch_size // world
         sampler = DistributedSampler(parts["train"], num_replicas=world, rank=rank, shuffle=True,
                                      seed=profile.seed, drop_last=False)
-        loader = DataLoader(parts["train"], batch_size=per_rank, sampler=sampler,
-                            num_workers=profile.num_workers, pin_memory=device.type == "cuda",
-                            persistent_workers=profile.num_workers > 0)
+        loader = _loader(parts["train"], batch_size=per_rank, sampler=sampler, device=device,
+                         num_workers=profile.num_workers, persistent=True)
         for epoch in range(t.start_epoch, profile.epochs):
             t0 = time.time()
             sampler.set_epoch(epoch)
@@ -489,7 +589,8 @@ def evaluate_best(spec: RunSpec, data: RunData, dataset: PreparedVolumes, t: Tra
     best = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     _unwrap(t.model).load_state_dict(best["model"])
     preds = predict(t.model, dataset, batch_size=spec.profile.eval_batch_size, device=device,
-                    bf16=spec.profile.bf16 and device.type == "cuda", progress=progress, desc="final predictions")
+                    bf16=spec.profile.bf16 and device.type == "cuda", progress=progress, desc="final predictions",
+                    num_workers=spec.profile.num_workers)
     if not dist_utils.is_main():
         return None
     return _write_results(out, spec, data.cohort, data.splits, preds, best_epoch=int(best["epoch"]) + 1,

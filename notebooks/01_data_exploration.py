@@ -50,7 +50,7 @@ from ctlib.cache import load_prepared
 from ctlib.data import CLASSES, class_table, load_cohort, read_hu
 from ctlib.launch import paper_outputs
 from ctlib.paper_numbers import compare_table1, paper_table1
-from ctlib.train import ensure_dataset, make_splits, prepare_data, preprocessing_for
+from ctlib.train import ensure_dataset, make_splits, prepare_data, preprocessing_for, synthetic_root
 
 out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
                     figures_dir=figures_dir, results_dir=results_dir, seed=seed)
@@ -145,11 +145,13 @@ figures.plot_hu_histograms(hu_groups, hu_range=(-1100.0, 2000.0), path=fig_dir /
 # ## Figure 1: representative slices
 #
 # The paper shows a lung nodule, atelectasis, lung opacity and consolidation. For each class we take
-# the positive volume with the fewest *other* abnormalities (so that what differs is this class) and
-# the slice that is least like the same slice of normal scans (its distance to the closest normal
-# scan's slice inside the lungs, relative to how much normal scans differ from each other at that
-# level), as the models see them (the 3D model's preprocessing), re-rendered at the scans' native
-# in-plane resolution.
+# positive volumes with the fewest *other* abnormalities (so that what differs is this class). On the
+# synthetic data the generator recorded where it drew every lesion (`truth/` beside `dataset/`, see
+# DATA.md): each panel is the slice through the lesion's largest cross-section, outlined in yellow. On
+# CT-RATE, which has no such truth, it is the slice least like the same slice of normal scans (its
+# distance to the closest normal scan's slice inside the lungs, relative to how much normal scans differ
+# from each other at that level). Slices are shown as the models see them (the 3D model's
+# preprocessing), re-rendered at the scans' native in-plane resolution.
 
 # %%
 prep_cohort, cache = prepare_data(prof, "vit3d")
@@ -157,9 +159,21 @@ prep = preprocessing_for(prof, "vit3d")
 names = prep_cohort["VolumeName"].tolist()
 fig1_classes = ["Lung nodule", "Atelectasis", "Lung opacity", "Consolidation", "Emphysema", "Pleural effusion",
                 "Mosaic attenuation pattern", "Cardiomegaly"]
+lesion = None
+if prof.data_root is None:  # the synthetic snapshot knows where each lesion is (its truth/ sidecar)
+    from ctlib.synthetic import lesion_masks_for_model
+
+    def lesion(i: int, cls: str) -> np.ndarray:
+        row = prep_cohort.iloc[i]
+        spacing = (float(row["XYSpacing"]), float(row["XYSpacing"]), float(row["ZSpacing"]))
+        return lesion_masks_for_model(synthetic_root(prof), names[i], prep, spacing)[CLASSES.index(cls)]
+
 examples = figures.pick_examples(prep_cohort, lambda i: load_prepared(cache, names[i]), fig1_classes,
                                  names=[n.removesuffix(".nii.gz") for n in names], groups=prep_cohort["patient"],
-                                 lung_threshold=-500.0 / max(abs(v) for v in prep.hu_range))
+                                 lung_threshold=-500.0 / max(abs(v) for v in prep.hu_range), lesion=lesion)
+for ex in examples:
+    where = "through its drawn lesion (outlined)" if ex.lesion is not None else "least like normal scans"
+    print(f"{ex.cls}: {ex.name}, slice {ex.slice}, {where}")
 
 display_prep = figures.display_preprocessing(prep, float(prep_cohort["XYSpacing"].median()))
 

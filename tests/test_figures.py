@@ -107,6 +107,37 @@ def test_pick_examples_finds_the_lesion_slice_and_the_cleanest_positive():
         F.pick_examples(labels, load, ["Not a class"])
 
 
+def test_pick_examples_with_known_lesions_shows_the_slice_through_the_lesion(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 10
+    labels = np.zeros((n, len(CLASSES)), dtype=int)
+    k = CLASSES.index("Lung nodule")
+    labels[[2, 5, 8], k] = 1
+    vols = {i: _phantom(rng, None, s=8) for i in range(n)}  # no visible cue: only the truth can tell
+    masks = {i: np.zeros((8, 32, 32), bool) for i in (2, 5, 8)}
+    masks[2][3, 10:12, 10:12] = True  # 4 voxels on slice 3
+    masks[5][6, 14:18, 20:23] = True  # 12 voxels on slice 6, 2 on slice 5
+    masks[5][5, 14, 20:22] = True
+    # volume 8: its lesion lies outside the kept slices
+
+    ex = F.pick_examples(labels, vols.__getitem__, ["Lung nodule"], candidates=3,
+                         lesion=lambda i, cls: masks.get(i) if cls == "Lung nodule" else None)
+    assert ex[0].index == 5 and ex[0].slice == 6  # the largest visible cross-section, on its slice
+    np.testing.assert_array_equal(ex[0].lesion, masks[5][6])
+    # re-rendered at twice the resolution, the outline follows (nearest neighbour)
+    fine = F.refine_examples(ex, lambda i: np.repeat(np.repeat(vols[i], 2, axis=1), 2, axis=2))
+    assert fine[0].lesion.shape == (64, 64) and fine[0].lesion.sum() == 4 * masks[5][6].sum()
+    assert fine[0].lesion[28:36, 40:46].all()
+    F.plot_representative_slices(fine, show_difference=False, path=tmp_path / "f1.png")
+    assert _is_png(tmp_path / "f1.png")
+    # without truth the same call falls back to the search for the least normal slice
+    fallback = F.pick_examples(labels, vols.__getitem__, ["Lung nodule"], candidates=3)
+    assert fallback[0].lesion is None
+    with pytest.raises(ValueError, match="lesion mask"):
+        F.pick_examples(labels, vols.__getitem__, ["Lung nodule"],
+                        lesion=lambda i, cls: np.ones((2, 2, 2), bool))
+
+
 def test_pick_examples_discounts_normal_anatomical_variation():
     """The top slice's body size varies between patients (like the lung bases): the plain difference
     from the closest normal scan is largest there, but the slice with the nodule is the unusual one."""

@@ -42,6 +42,7 @@ class SliceExample:
     difference: np.ndarray = field(repr=False)
     name: str = ""
     n_labels: int = 0
+    lesion: np.ndarray | None = field(default=None, repr=False)  # (H, W) bool: the drawn lesion, if known
 
 
 def _nearest_slices(vol: np.ndarray, refs: np.ndarray, mask: np.ndarray | None = None,
@@ -86,6 +87,7 @@ def pick_examples(
     n_reference: int = 12,
     margin: float = 0.2,
     lung_threshold: float | None = None,
+    lesion: Callable[[int, str], np.ndarray | None] | None = None,
 ) -> list[SliceExample]:
     """For each class, a positive volume and the slice where it is least like normal scans.
 
@@ -117,6 +119,11 @@ def pick_examples(
         margin: fraction of the slices at each end that is never chosen (0 allows all).
         lung_threshold: the body/air threshold in the volumes' units (-500 HU; -0.5 for model input
             scaled by 1000), or None to compare whole slices.
+        lesion: where the truth is known (the synthetic data's sidecar), ``lesion(i, cls) -> (S, H, W)``
+            bool mask of that class's signature in volume ``i`` (or None). Then the slice is the one
+            through the lesion (largest cross-section), the candidate with the largest visible
+            cross-section wins, and the mask's slice is kept in ``SliceExample.lesion``; candidates
+            whose lesion lies outside the kept slices fall back to the search above.
 
     Returns:
         One :class:`SliceExample` per class with a positive volume, in ``classes`` order (classes
@@ -179,7 +186,9 @@ def pick_examples(
                                 None if ref_masks is None else np.delete(ref_masks, j, axis=0))[1]
                 for j in range(len(pool))]), axis=0)  # (S,)
         best: SliceExample | None = None
-        for i in pos:
+        if lesion is not None:
+            best = _on_lesion(cls, pos, get, lesion, names, count)
+        for i in ([] if best is not None else pos):
             vol = get(i)
             if refs is None:
                 diff, per_slice = np.zeros_like(vol), np.zeros(vol.shape[0])
@@ -201,6 +210,27 @@ def pick_examples(
         used.add(group[best.index])
         out.append(best)
     return out
+
+
+def _on_lesion(cls: str, candidates: Sequence[int], get: Callable[[int], np.ndarray],
+               lesion: Callable[[int, str], np.ndarray | None], names: Sequence[str] | None,
+               count: np.ndarray) -> SliceExample | None:
+    """The candidate whose known lesion shows the largest cross-section in one slice, on that slice."""
+    best: SliceExample | None = None
+    for i in candidates:
+        mask = lesion(i, cls)
+        if mask is None or not mask.any():
+            continue
+        vol = get(i)
+        if mask.shape != vol.shape:
+            raise ValueError(f"lesion mask of volume {i} has shape {mask.shape}, the volume {vol.shape}")
+        area = mask.sum(axis=(1, 2))
+        s = int(np.argmax(area))
+        if best is None or area[s] > best.score:
+            best = SliceExample(cls=cls, index=int(i), slice=s, score=float(area[s]), image=vol[s],
+                                difference=np.zeros_like(vol[s]), name="" if names is None else str(names[i]),
+                                n_labels=int(count[i]), lesion=mask[s].copy())
+    return best
 
 
 def display_preprocessing(prep: Preprocessing, native_spacing: float, *, max_factor: int = 4) -> Preprocessing:
@@ -236,8 +266,13 @@ def refine_examples(examples: Sequence[SliceExample], load: Callable[[int], np.n
         img = vol[ex.slice]
         scale = (img.shape[0] / ex.difference.shape[0], img.shape[1] / ex.difference.shape[1])
         diff = zoom(ex.difference, scale, order=1)[: img.shape[0], : img.shape[1]]
+        mask = None
+        if ex.lesion is not None:  # nearest neighbour, so that the outline stays the drawn lesion's
+            rows = np.minimum((np.arange(img.shape[0]) / scale[0]).astype(int), ex.lesion.shape[0] - 1)
+            cols = np.minimum((np.arange(img.shape[1]) / scale[1]).astype(int), ex.lesion.shape[1] - 1)
+            mask = ex.lesion[np.ix_(rows, cols)]
         out.append(SliceExample(cls=ex.cls, index=ex.index, slice=ex.slice, score=ex.score, image=img,
-                                difference=diff, name=ex.name, n_labels=ex.n_labels))
+                                difference=diff, name=ex.name, n_labels=ex.n_labels, lesion=mask))
     return out
 
 
@@ -278,6 +313,8 @@ def plot_representative_slices(
         ax = axes[b * rows_per, c]
         ax.set_axis_on()
         _imshow_ct(ax, ex.image, normalized_range)
+        if ex.lesion is not None and ex.lesion.any():
+            ax.contour(ex.lesion.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
         label = f"{ex.name or f'volume {ex.index}'}, slice {ex.slice}, {ex.n_labels} label{'s' * (ex.n_labels != 1)}"
         ax.set_title(f"{_wrap(ex.cls, 22)}\n", fontsize=9, fontweight="bold")
         ax.text(0.5, 1.01, label, transform=ax.transAxes, ha="center", va="bottom", fontsize=6.5,

@@ -230,21 +230,29 @@ def _attention_with_grads(model: nn.Module, vit: nn.Module, x: Tensor,
     model.eval()
     vit._encode = encode  # instance attribute: ViT3D.features and Fusion reach it through self._encode
     try:
-        with torch.enable_grad():
-            x.requires_grad_(True)  # a graph even if every weight is frozen
-            logits = model(x)
-            if isinstance(logits, tuple):
-                logits = logits[0]
-            if not 0 <= class_index < logits.shape[-1]:
-                raise ValueError(f"class_index must lie in [0, {logits.shape[-1]}), got {class_index}")
-            if not captured:
-                raise ValueError(f"{type(model).__name__} did not run its ViT (a fusion with alpha = 0?)")
-            grads = torch.autograd.grad(logits[0, class_index], captured, allow_unused=True)
+        grads = _logit_gradients(model, x, class_index, captured,
+                                 f"{type(model).__name__} did not run its ViT (a fusion with alpha = 0?)")
     finally:
         del vit._encode
         model.train(was_training)
     grads = [torch.zeros_like(a) if g is None else g.detach() for a, g in zip(captured, grads, strict=True)]
     return [a.detach() for a in captured], grads
+
+
+def _logit_gradients(model: nn.Module, x: Tensor, class_index: int, captured: list[Tensor],
+                     missing: str) -> tuple[Tensor | None, ...]:
+    """Gradients of logit ``class_index`` of volume 0 with respect to the tensors that the forward pass
+    of ``model(x)`` appends to ``captured`` (hooks set by the caller); ``missing`` is the error when none."""
+    with torch.enable_grad():
+        x.requires_grad_(True)  # a graph to the captured tensors even if every weight is frozen
+        logits = model(x)
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        if not 0 <= class_index < logits.shape[-1]:
+            raise ValueError(f"class_index must lie in [0, {logits.shape[-1]}), got {class_index}")
+        if not captured:
+            raise ValueError(missing)
+        return torch.autograd.grad(logits[0, class_index], captured, allow_unused=True)
 
 
 def vit_relevance_tokens(model: nn.Module, volume: Tensor | np.ndarray, class_index: int) -> Tensor:
@@ -330,16 +338,8 @@ def gradcam_resnet(
     model.eval()
     handle = block.register_forward_hook(keep)
     try:
-        with torch.enable_grad():
-            x.requires_grad_(True)  # a graph to the activations even if the weights are frozen
-            logits = model(x)
-            if isinstance(logits, tuple):
-                logits = logits[0]
-            if not 0 <= class_index < logits.shape[-1]:
-                raise ValueError(f"class_index must lie in [0, {logits.shape[-1]}), got {class_index}")
-            if not acts:
-                raise ValueError(f"the ResNet's {layer} did not run in the forward pass")
-            grads = torch.autograd.grad(logits[0, class_index], acts, allow_unused=True)
+        grads = _logit_gradients(model, x, class_index, acts,
+                                 f"the ResNet's {layer} did not run in the forward pass")
     finally:
         handle.remove()
         model.train(was_training)

@@ -8,7 +8,8 @@ attention that flows from input token (slice s, patch n) to the pooled output is
 
     A[s, n] = 1/(S*N) * sum_{q, n'} R_slice[n'][q, s] * R_spatial[s][n', n]
 
-(:func:`compose_rollout`; it sums to 1 for row-stochastic rollouts). The product of the two marginals,
+(:func:`compose_rollout`; it sums to 1 for row-stochastic rollouts; the class-specific relevance
+replaces the uniform 1/(S*N) by a weight per output token (q, n')). The product of the two marginals,
 ``mean_q R_slice[n][q, s] * mean_n' R_spatial[s][n', n]`` (:func:`marginal_rollout`, used before), takes
 the slice attention at the *input* patch's position instead of at the position the spatial stage routed
 that patch to, and differs where attention is sharp.
@@ -17,7 +18,11 @@ that patch to, and differs where attention is sharp.
   ``0.5 * A + 0.5 * I``, rows renormalised, layers multiplied), composed exactly over both stages.
 - :func:`vit_relevance`: class-specific gradient-weighted attention (Chefer et al., CVPR 2021 /
   ICCV 2021: per layer ``A_bar = mean_heads((dA ⊙ A)^+)`` with ``dA`` the gradient of the class logit,
-  ``R <- R + A_bar R`` from ``R = I``), composed over both stages the same way.
+  ``R <- R + A_bar R`` from ``R = I``; then ``R - I`` row-normalised, their eqs. 8-9, so that a small
+  gradient does not leave ``R`` at ``I``), composed over both stages the same way but with each pooled
+  output token weighted by its class relevance, ``(d logit / d t ⋅ t)^+`` at the final tokens ``t``
+  (the ViT has no class token whose row to read; with equal weights a rollout near I gives a uniform
+  map, which is what the demo's maps were before this weighting).
 - :func:`gradcam_resnet`: Grad-CAM on ResNet-18's last convolutional block (``layer4``, or ``layer3``
   for finer maps on small slices) for the volume-level logit of one class. For a
   :class:`ctlib.models.Fusion` the hook sits in its ResNet branch and the gradient is that of the
@@ -40,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["as_distribution", "compose_rollout", "concentration", "find_block", "gradcam_resnet",
-           "gradient_rollout", "marginal_rollout", "received_attention", "rollout", "salient_slices",
+           "gradient_rollout", "marginal_rollout", "normalise_residual", "received_attention", "rollout", "salient_slices",
            "vit_attention", "vit_relevance", "vit_relevance_tokens"]
 
 
@@ -72,12 +77,19 @@ def received_attention(attention: Tensor, *, residual: bool = True) -> Tensor:
     return rollout(attention, residual=residual).mean(dim=-2)
 
 
-def compose_rollout(spatial: Tensor, across: Tensor) -> Tensor:
-    """The exact two-stage rollout received by each input token: (S, N, N), (N, S, S) -> (S, N).
+def compose_rollout(spatial: Tensor, across: Tensor, weights: Tensor | None = None) -> Tensor:
+    """The exact two-stage rollout received by each input token: (S, N, N), (N, S, S)[, (S, N)] -> (S, N).
 
-    ``A[s, n] = 1/(S*N) * sum_{q, n'} across[n'][q, s] * spatial[s][n', n]``: the mean over all pooled
-    output tokens (slice q, position n') of the flow slice s -> q at position n' times the flow patch
-    n -> n' within slice s. ``spatial[s]`` and ``across[n]`` have query rows and key columns.
+    ``A[s, n] = sum_{q, p} w[q, p] * across[p][q, s] * spatial[s][p, n]``: the weighted sum over all pooled
+    output tokens (slice q, position p) of the flow slice s -> q at position p times the flow patch
+    n -> p within slice s. ``spatial[s]`` and ``across[p]`` have query rows and key columns.
+
+    Args:
+        spatial: (S, N, N) rollout of the spatial stage, one per slice.
+        across: (N, S, S) rollout of the slice-wise stage, one per patch position.
+        weights: (S, N) non-negative weight of each output token (slice q, position p), normalised here
+            to sum 1. None, or all zero (no token raises the explained logit), gives the uniform
+            ``1/(S*N)``: the mean over the pooled tokens, what a class-agnostic rollout uses.
     """
     if spatial.ndim != 3 or across.ndim != 3:
         raise ValueError(f"spatial must be (S, N, N) and across (N, S, S), got {tuple(spatial.shape)} and "
@@ -86,7 +98,16 @@ def compose_rollout(spatial: Tensor, across: Tensor) -> Tensor:
     if spatial.shape != (s, n, n) or across.shape != (n, s, s):
         raise ValueError(f"spatial (S, N, N) and across (N, S, S) disagree: {tuple(spatial.shape)} and "
                          f"{tuple(across.shape)}")
-    return torch.einsum("pqs,spn->sn", across.float(), spatial.float()) / (s * n)
+    w = torch.full((s, n), 1.0 / (s * n), dtype=torch.float32, device=spatial.device)
+    if weights is not None:
+        if tuple(weights.shape) != (s, n):
+            raise ValueError(f"weights must be (S, N) = {(s, n)}, got {tuple(weights.shape)}")
+        weights = weights.detach().float().to(spatial.device)
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError("weights must be finite and non-negative")
+        if weights.sum() > 0:
+            w = weights / weights.sum()
+    return torch.einsum("qp,pqs,spn->sn", w, across.float(), spatial.float())
 
 
 def marginal_rollout(spatial: Tensor, across: Tensor) -> Tensor:
@@ -104,17 +125,40 @@ def gradient_rollout(attention: Tensor, grads: Tensor) -> Tensor:
 
     Per layer ``A_bar = mean over heads of (grads * attention) clamped at 0``; then ``R = I`` and
     ``R <- R + A_bar @ R`` layer by layer, first layer first. ``grads`` is the gradient of the explained
-    logit with respect to ``attention``.
+    logit with respect to ``attention``. Computed and returned in float64.
     """
     if attention.shape != grads.shape or attention.ndim < 4 or attention.shape[-1] != attention.shape[-2]:
         raise ValueError(f"attention and grads must both be (..., L, heads, N, N), got {tuple(attention.shape)} "
                          f"and {tuple(grads.shape)}")
-    a = (grads.float() * attention.float()).clamp_min(0).mean(dim=-3)  # (..., L, N, N)
+    # float64: the part R - I that flowed through attention is small next to I when gradients are small,
+    # and :func:`normalise_residual` rescales it
+    a = (grads.double() * attention.double()).clamp_min(0).mean(dim=-3)  # (..., L, N, N)
     n = a.shape[-1]
     r = torch.eye(n, dtype=a.dtype, device=a.device).expand(*a.shape[:-3], n, n)
     for layer in range(a.shape[-3]):
         r = r + a[..., layer, :, :] @ r
     return r
+
+
+def normalise_residual(relevance: Tensor) -> Tensor:
+    """Chefer et al. (ICCV 2021) eqs. 8-9 on a gradient rollout ``R = I + ...``: (..., N, N) -> (..., N, N).
+
+    ``R_bar = R - I`` (the relevance that flowed through attention) has its rows normalised to sum 1, then
+    the identity is added back. The scale of ``R - I`` is that of the logit's gradients while ``I`` has
+    unit scale, so without this a small gradient makes ``R`` close to ``I`` whatever the attention did;
+    after it the attention paths and the token's own path weigh the same in every row. A row with no
+    attention relevance (``R - I`` zero) stays the identity row.
+    """
+    n = relevance.shape[-1]
+    if relevance.ndim < 2 or relevance.shape[-2] != n:
+        raise ValueError(f"relevance must be (..., N, N), got {tuple(relevance.shape)}")
+    eye = torch.eye(n, dtype=relevance.dtype, device=relevance.device)
+    bar = relevance - eye
+    if (bar < -1e-6).any():
+        raise ValueError("relevance - I has negative entries: not a gradient rollout (R = I + A_bar R, A_bar >= 0)")
+    bar = bar.clamp_min(0)
+    rows = bar.sum(dim=-1, keepdim=True)
+    return torch.where(rows > 0, bar / rows.clamp_min(1e-30), bar) + eye
 
 
 def as_distribution(saliency: Tensor | np.ndarray) -> np.ndarray:
@@ -215,28 +259,39 @@ def vit_attention(
 
 
 def _attention_with_grads(model: nn.Module, vit: nn.Module, x: Tensor,
-                          class_index: int) -> tuple[list[Tensor], list[Tensor]]:
-    """Runs ``model(x)`` with the ViT keeping its attention probabilities; returns them and the
-    gradients of logit ``class_index`` with respect to them, spatial layers then slice-wise layers."""
+                          class_index: int) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+    """Runs ``model(x)`` with the ViT keeping its attention probabilities and its final tokens (the output
+    of ``vit.norm``, ((B N), S, D)); returns the attention maps, the gradients of logit ``class_index``
+    with respect to them (spatial layers then slice-wise layers), the final tokens and their gradient,
+    all from one backward pass."""
     captured: list[Tensor] = []
+    final: list[Tensor] = []
     original = vit._encode
 
     def encode(t: Tensor, return_attention: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        final.clear()
         feats, spatial, across = original(t, return_attention=True)
-        captured[:] = [*spatial, *across]
+        if len(final) != 1:
+            raise RuntimeError(f"{type(vit).__name__}.norm ran {len(final)} times in one pass, expected once")
+        captured[:] = [*spatial, *across, final[0]]
         return feats, spatial, across
+
+    def keep(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+        final.append(output)
 
     was_training = model.training
     model.eval()
     vit._encode = encode  # instance attribute: ViT3D.features and Fusion reach it through self._encode
+    handle = vit.norm.register_forward_hook(keep)
     try:
         grads = _logit_gradients(model, x, class_index, captured,
                                  f"{type(model).__name__} did not run its ViT (a fusion with alpha = 0?)")
     finally:
+        handle.remove()
         del vit._encode
         model.train(was_training)
     grads = [torch.zeros_like(a) if g is None else g.detach() for a, g in zip(captured, grads, strict=True)]
-    return [a.detach() for a in captured], grads
+    return [a.detach() for a in captured[:-1]], grads[:-1], captured[-1].detach(), grads[-1]
 
 
 def _logit_gradients(model: nn.Module, x: Tensor, class_index: int, captured: list[Tensor],
@@ -256,23 +311,34 @@ def _logit_gradients(model: nn.Module, x: Tensor, class_index: int, captured: li
 
 
 def vit_relevance_tokens(model: nn.Module, volume: Tensor | np.ndarray, class_index: int) -> Tensor:
-    """Class-specific relevance of each (slice, patch) token of the ViT: (S, H, W) -> (S, N).
+    """Class-specific relevance of each (slice, patch) token of the ViT: (S, H, W) -> (S, N), summing to 1.
 
-    Gradient-weighted rollout (:func:`gradient_rollout`) of the spatial and the slice-wise stages,
-    composed exactly (:func:`compose_rollout`); the gradient is that of ``model``'s logit
-    ``class_index`` (the fusion logit for a ``Fusion``).
+    Gradient-weighted rollout (:func:`gradient_rollout`) of the spatial and the slice-wise stages, each
+    with its attention part normalised against the skip connection (:func:`normalise_residual`, Chefer
+    et al.'s eqs. 8-9), composed exactly (:func:`compose_rollout`) with each pooled output token
+    (slice q, position p) weighted by its own relevance for the class, gradient times activation at the
+    final tokens ``t`` (the output of ``vit.norm``): ``w[q, p] = max(0, (d logit / d t[q, p]) . t[q, p])``.
+    The ViT has no class token whose row to read (the feature is the mean of the final tokens); with
+    ``d logit / d t[q, p] = g / (S*N)`` for the feature gradient ``g``, ``w`` is each token's share of
+    the logit's linearisation. Both steps matter: with equal weights and an unnormalised rollout close
+    to I (small gradients) the map is uniform whatever the class. If no token raises the logit (all
+    ``w`` zero) the weights fall back to uniform. The gradient is that of ``model``'s logit
+    ``class_index`` (the fusion logit for a ``Fusion``); one backward pass gives those of the attention
+    and of the final tokens.
     """
     vit = _vit_of(model)
     x = _as_volume(volume, _device_of(model))
     s = x.shape[1]
-    attn, grads = _attention_with_grads(model, vit, x, class_index)
+    attn, grads, final, final_grad = _attention_with_grads(model, vit, x, class_index)
     depth = len(vit.spatial)
     # b = 1: the spatial layers' batch is the S slices, the slice-wise layers' the N positions
     spatial = gradient_rollout(torch.stack(attn[:depth], dim=1), torch.stack(grads[:depth], dim=1))
     across = gradient_rollout(torch.stack(attn[depth:], dim=1), torch.stack(grads[depth:], dim=1))
     if spatial.shape[0] != s:
         raise ValueError(f"the spatial layers saw {spatial.shape[0]} slices for a volume of {s}")
-    return compose_rollout(spatial, across)
+    weights = (final_grad.float() * final.float()).sum(dim=-1).clamp_min(0).T  # (N, S) -> (S, N)
+    relevance = compose_rollout(normalise_residual(spatial), normalise_residual(across), weights)
+    return relevance / relevance.sum().clamp_min(1e-30)  # rows of a normalised rollout sum to 1 or 2
 
 
 def vit_relevance(

@@ -28,7 +28,9 @@
 # the slice-wise layers, composed exactly: the attention reaching slice s, patch n is the mean over the
 # pooled tokens of the slice-wise flow into slice s at every position n' times the spatial flow from n
 # to n'), the **ViT's class-specific relevance** (the same rollout with each layer's attention weighted
-# by the gradient of the class logit, Chefer et al. 2021), and the **ResNet branch's Grad-CAM** for the
+# by the gradient of the class logit, Chefer et al. 2021, each stage's attention part row-normalised
+# against the skip connection, their eqs. 8-9, and each pooled token weighted by its gradient x
+# activation instead of the plain mean), and the **ResNet branch's Grad-CAM** for the
 # fusion model's logit of the class (the 2D branch's evidence for the fused decision). The last two are
 # class-specific; for scoring, every map gets one normalisation (non-negative, summing to 1 over the
 # volume's voxels).

@@ -75,7 +75,9 @@ print(f"{len(cohort)} volumes of {cohort['patient'].nunique()} patients, prepare
 # is reused unless `redo`.
 
 # %%
-train_run(out, MODEL, ALPHA, processes=gpus, launcher=launcher, redo=redo)
+# the tables need the validation and test scores only (notebook 07 reads the learned-alpha run's
+# features of every volume)
+train_run(out, MODEL, ALPHA, processes=gpus, launcher=launcher, redo=redo, every_volume=False)
 
 # %% [markdown]
 # ## Learning curves

@@ -19,7 +19,9 @@
 # # 05 · How much 3D? The alpha ablation (Table 3)
 #
 # Reproduces **Table 3** of section 5. The fusion becomes `x_2d + alpha * residual_3d`: `alpha = 0` is
-# the ResNet alone, `alpha = 1` the equal weights of Table 2 (notebook 04's run, reused here), and a
+# the ResNet alone (notebook 02's run, reused here: at a fixed alpha of 0 the fusion is that network, and
+# the paper's alpha = 0 row repeats its ResNet row), `alpha = 1` the equal weights of Table 2 (notebook
+# 04's run, reused here), and a
 # **learned** alpha lets training decide how much the 3D branch contributes (it starts at the profile's
 # `alpha_init`). One more row is the paper's future-work variant, `learned-2d`: alpha learned and the
 # weight of the 2D features learned too (`beta * x_2d + alpha * residual_3d`, beta starting at 1).
@@ -38,6 +40,7 @@ gpus = None
 launcher = ""  # "": torchrun --standalone here; or a cluster prefix, e.g. "srun torchrun --nnodes 4 ..."
 seed = 0
 redo = False
+runs_at_once = None  # runs trained side by side on a CPU-only machine (None: from the cores; 1: one by one)
 
 # %%
 # %matplotlib inline
@@ -48,7 +51,7 @@ from IPython.display import display
 
 from ctlib import figures, tables
 from ctlib.comparison import class_groups_for
-from ctlib.launch import ALPHAS, LEARNED_2D, paper_outputs, train_run
+from ctlib.launch import ALPHAS, LEARNED_2D, paper_outputs, run_name, train_runs
 from ctlib.metrics import metrics_table
 from ctlib.paper_numbers import compare_metrics, paper_table3
 
@@ -62,13 +65,19 @@ print(f"profile {prof.name}: alphas {list(alpha_label.values())} -> {out.runs}")
 # %% [markdown]
 # ## Training the fusion at every alpha
 #
-# One run per alpha, launched with `torchrun` as in notebooks 02-04. The alpha = 1 run is notebook 04's
-# and is not retrained here, even with `redo`.
+# One run per alpha, launched with `torchrun` as in notebooks 02-04. The alpha = 0 and alpha = 1 runs are
+# notebook 02's and 04's and are not retrained here, even with `redo`. On GPUs the runs go one after another, each on every GPU;
+# on a CPU-only machine several train side by side, each on its share of the cores (`runs_at_once`:
+# None decides from the machine, 1 forces one at a time; see `ctlib.launch.concurrent_runs`).
 
 # %%
-for alpha in ALPHAS:
-    # notebook 04 owns (and redoes) alpha = 1
-    train_run(out, "fusion", alpha, processes=gpus, launcher=launcher, redo=redo and alpha != 1.0)
+# the learned-alpha run scores every volume (notebooks 07 and 08 read its features); the tables need the
+# validation and test scores only
+train_runs(out, [("fusion", alpha) for alpha in ALPHAS if alpha not in (0.0, 1.0)], processes=gpus,
+           launcher=launcher, redo=redo, at_once=runs_at_once, every_volume=[run_name("fusion", "learned")])
+# notebook 02's and 04's runs, trained here only if missing
+train_runs(out, [("fusion", 0.0), ("fusion", 1.0)], processes=gpus, launcher=launcher, at_once=runs_at_once,
+           every_volume=False)
 
 # %% [markdown]
 # ## Table 3
@@ -142,7 +151,7 @@ figures.plot_alpha_trajectory({LEARNED_2D: history_2d}, initial=1.0, weight="bet
 # %% [markdown]
 # ## Does any alpha beat alpha 0? Paired differences
 #
-# Each run against alpha = 0 (the ResNet alone inside the fusion) on the same test volumes: macro AUROC
+# Each run against alpha = 0 (the ResNet of notebook 02) on the same test volumes: macro AUROC
 # of the run minus that of alpha 0, with a 95% interval from resampling test patients (the same
 # resamples for both runs), and `p_boot`, the fraction of resamples in which the difference is <= 0.
 # An interval that excludes 0 is a difference this test set can see; overlapping separate intervals are

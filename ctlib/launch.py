@@ -177,17 +177,18 @@ def run_concurrently(commands: dict[str, Sequence[str]], *, at_once: int, thread
     """Runs the named commands, ``at_once`` at a time, each line of output prefixed ``[name] ``.
 
     A failed command does not stop the others (their runs finish and keep their checkpoints); once all
-    have ended, ``subprocess.CalledProcessError`` names the first failure (the others are printed).
+    have ended, the first failure is raised (the others are printed): ``subprocess.CalledProcessError``
+    for a non-zero exit, or the error of a command that could not start (e.g. ``FileNotFoundError``).
     """
     queue = list(commands.items())
     slots = threading.Semaphore(max(1, at_once))
-    failures: list[tuple[str, subprocess.CalledProcessError]] = []
+    failures: list[tuple[str, Exception]] = []
     lock = threading.Lock()
 
     def one(name: str, cmd: Sequence[str]) -> None:
         try:
             run_streaming(cmd, cwd=cwd, threads=threads, prefix=f"[{name}] ")
-        except subprocess.CalledProcessError as err:
+        except Exception as err:  # noqa: BLE001 - kept and raised in the calling thread once all have ended
             with lock:
                 failures.append((name, err))
         finally:
@@ -203,7 +204,9 @@ def run_concurrently(commands: dict[str, Sequence[str]], *, at_once: int, thread
         worker.join()
     if failures:
         for name, err in failures:
-            print(f"[{name}] FAILED with exit code {err.returncode}", flush=True)
+            why = (f"with exit code {err.returncode}" if isinstance(err, subprocess.CalledProcessError)
+                   else f"to start: {err}")
+            print(f"[{name}] FAILED {why}", flush=True)
         raise failures[0][1]
 
 
@@ -269,12 +272,14 @@ def train_runs(outputs: PaperOutputs, runs: Sequence[tuple[str, float | str | No
     every volume (``features.npz`` for the latent space); the others score validation and test only.
     """
     from ctlib.cohort import prepare_profile
-    from ctlib.train import RunSpec, run_is_complete
+    from ctlib.train import RunSpec, run_is_complete, scored_every_volume
 
     prof = outputs.profile
     # The workers then find a ready cache (generation and preparation happen once, here).
     prepared = prepare_profile(prof)
     print(prepared.summary())
+    if isinstance(every_volume, str):  # one run name, not its characters
+        every_volume = [every_volume]
     dirs, commands = [], {}
     for model, alpha in runs:
         model, alpha = table_run(model, alpha)
@@ -286,13 +291,15 @@ def train_runs(outputs: PaperOutputs, runs: Sequence[tuple[str, float | str | No
         model_alpha, extra = fusion_settings(alpha) if model == "fusion" else (1.0, {})
         # the profile the torchrun workers build from the same overrides
         spec = RunSpec(dataclasses.replace(prof, **extra), model, model_alpha)
-        if run_is_complete(run_dir, spec, prepared.key) and not redo:
+        every = every_volume if isinstance(every_volume, bool) else run_dir.name in every_volume
+        # a run finished with --score eval where every volume is wanted: the command only scores them
+        if run_is_complete(run_dir, spec, prepared.key) and not redo and (not every or scored_every_volume(run_dir)):
             print(f"{run_dir} is complete: reused (redo=True trains again)")
             continue
         commands[run_dir.name] = torchrun_command(
             profile=prof.name, model=model, alpha=alpha, out=run_dir, processes=processes,
             data_root=prof.data_root, work_dir=prof.work_dir, seed=outputs.seed, redo=redo, launcher=launcher,
-            every_volume=every_volume if isinstance(every_volume, bool) else run_dir.name in every_volume)
+            every_volume=every)
     if at_once is None:
         at_once, threads = concurrent_runs(len(commands), processes=processes, launcher=launcher)
     else:

@@ -8,9 +8,11 @@ ResNet are recomputed on that many training volumes before each validation (see
 
 A run folder holds ``config.json``, ``history.csv``, ``splits.csv``, ``predictions.csv`` (test),
 ``val_predictions.csv``, ``features.npz`` (volume-level features of every volume, for the latent-space
-figure; of the validation and test volumes only with ``--score eval``), ``metrics.json``, ``per_class_auroc.csv`` and ``checkpoints/{last,best}.pt``. A killed run
-restarted with the same command resumes from its last completed epoch and ends as an uninterrupted run
-would; a finished run is not trained again unless ``--redo``.
+figure; of the validation and test volumes only with ``--score eval``), ``metrics.json``,
+``per_class_auroc.csv`` and ``checkpoints/{last,best}.pt``. A killed run restarted with the same command
+resumes from its last completed epoch and ends as an uninterrupted run would; a finished run is not trained
+again unless ``--redo`` (one finished with ``--score eval`` and asked for every volume only has its best
+checkpoint score every volume, with the same metrics).
 
 Example::
 
@@ -161,6 +163,18 @@ def run_is_complete(run_dir: str | Path, spec: RunSpec, data_key: str | None = N
         return False
     data_key = config.get("data_key", "") if data_key is None else data_key
     return (run_dir / "metrics.json").exists() and config.get("fingerprint") == spec.fingerprint(data_key)
+
+
+def scored_every_volume(run_dir: str | Path) -> bool:
+    """True when the run's ``features.npz`` holds every volume of its ``splits.csv`` (a run finished with
+    ``--score eval`` holds the validation and test volumes only)."""
+    run_dir = Path(run_dir)
+    try:
+        with np.load(run_dir / "features.npz") as f:
+            scored = len(f["names"])
+        return scored == len(pd.read_csv(run_dir / "splits.csv"))
+    except (FileNotFoundError, KeyError, ValueError, OSError):
+        return False
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -525,7 +539,9 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
 
     ``every_volume``: the best checkpoint scores every volume at the end (``features.npz`` then holds
     the training volumes too, for the latent space and retrieval); False scores the validation and test
-    volumes only, which is all the tables need (it spares a forward pass over the training set).
+    volumes only, which is all the tables need (it spares a forward pass over the training set). A complete
+    run that scored the validation and test volumes only, asked again with ``every_volume``, is not trained
+    again: its best checkpoint scores every volume (:func:`scored_every_volume`).
 
     Steps: validate the settings; data (before the process group: ``run_data``, rank 0 decides); model
     (``build_training``); the loop (``train_epoch``, ``validate_epoch``, ``save_epoch``); evaluation of the
@@ -548,7 +564,12 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
                     (out / name).unlink(missing_ok=True)
         # several nodes: the run folder and the cache must be one shared filesystem (NotShared otherwise)
         check_shared_folders([out, data.cache_dir])
-        if dist_utils.broadcast_object(main and not redo and run_is_complete(out, spec, data.key)):
+        complete = main and not redo and run_is_complete(out, spec, data.key)
+        if complete and every_volume and not scored_every_volume(out):
+            # finished with --score eval: resumed after its last epoch, the best checkpoint scores every volume
+            log.info("%s is complete but scored the validation and test volumes only: scoring every volume", out)
+            complete = False
+        if dist_utils.broadcast_object(complete):
             if main:
                 log.info("%s is complete (metrics.json present); use --redo to train again", out)
                 return json.loads((out / "metrics.json").read_text())

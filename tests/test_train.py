@@ -18,7 +18,7 @@ import torch
 from ctlib.data import CLASSES
 from ctlib.launch import run_name, run_tag, torchrun_command
 from ctlib.profiles import get_profile, load_profile, parse_overrides
-from ctlib.train import RunSpec, load_run, main, parse_alpha, train
+from ctlib.train import RunSpec, load_run, main, parse_alpha, scored_every_volume, train
 
 
 def _params(path):
@@ -300,3 +300,64 @@ def test_resume_on_another_split_is_refused(smoke_profile, tmp_path):
     path.write_text(table.to_csv(index=False))
     with pytest.raises(RuntimeError, match="another cohort or split"):
         train(spec, tmp_path / "run", progress=False)
+
+
+def test_score_eval_scores_validation_and_test_only_with_the_same_results(smoke_profile, tmp_path):
+    """``--score eval``: features.npz holds exactly the validation and test volumes (their own names, splits,
+    labels), and every table number equals that of the run scoring every volume."""
+    profile = dataclasses.replace(smoke_profile, epochs=1)
+    full_dir, eval_dir = tmp_path / "all", tmp_path / "eval"
+    full = train(RunSpec(profile, "resnet2d"), full_dir, progress=False)
+    # The same training finished with --score eval: a copy of the run without its results resumes after its
+    # last epoch (nothing left to train) and only evaluates its best checkpoint.
+    shutil.copytree(full_dir, eval_dir)
+    for name in ("metrics.json", "predictions.csv", "val_predictions.csv", "features.npz", "per_class_auroc.csv"):
+        (eval_dir / name).unlink()
+    assert main(["--profile", "smoke", "--model", "resnet2d", "--work-dir", profile.work_dir, "--out",
+                 str(eval_dir), "--set", "epochs=1", "--no-progress", "--score", "eval"]) == 0
+
+    splits = pd.read_csv(full_dir / "splits.csv").set_index("VolumeName")["split"]
+    assert (splits == "train").sum() > 0
+    with np.load(full_dir / "features.npz") as f:
+        every = {k: f[k] for k in f.files}
+    with np.load(eval_dir / "features.npz") as f:
+        scored = {k: f[k] for k in f.files}
+    assert set(scored) == set(every)
+    assert len(every["names"]) == len(splits)  # the reference run scored every volume
+    # exactly the validation and test volumes, once each, with their own split
+    names = list(scored["names"])
+    assert len(names) == len(set(names)) == int(splits.isin(["val", "test"]).sum())
+    assert set(scored["split"]) == {"val", "test"}
+    assert list(scored["split"]) == list(splits.loc[names])
+    val, test = pd.read_csv(eval_dir / "val_predictions.csv"), pd.read_csv(eval_dir / "predictions.csv")
+    assert set(names) == set(val["VolumeName"]) | set(test["VolumeName"])
+    assert set(names[i] for i in np.flatnonzero(scored["split"] == "test")) == set(test["VolumeName"])
+    # each row is that volume's: its patient, labels, probabilities and features as the full run scored them
+    row = {n: i for i, n in enumerate(every["names"])}
+    rows = [row[n] for n in names]
+    for key in ("patient", "split", "labels"):
+        assert np.array_equal(scored[key], every[key][rows]), key
+    for key in ("probs", "features"):
+        np.testing.assert_allclose(scored[key], every[key][rows], rtol=1e-5, atol=1e-6, err_msg=key)
+    # the tables' inputs and numbers are unchanged by scoring fewer volumes
+    for name in ("predictions.csv", "val_predictions.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(eval_dir / name), pd.read_csv(full_dir / name), rtol=1e-5)
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert metrics["auroc"] == full["auroc"]
+    assert metrics == json.loads((full_dir / "metrics.json").read_text())
+
+    # Asked for every volume later, the eval-only run is not trained again: its best checkpoint scores every
+    # volume, with the same numbers; a run that scored every volume asked for eval only is simply complete.
+    assert not scored_every_volume(eval_dir) and scored_every_volume(full_dir)
+    history, last = (eval_dir / "history.csv").read_bytes(), (eval_dir / "checkpoints/last.pt").read_bytes()
+    train(RunSpec(profile, "resnet2d"), eval_dir, progress=False)
+    assert scored_every_volume(eval_dir)
+    assert (eval_dir / "history.csv").read_bytes() == history
+    assert (eval_dir / "checkpoints/last.pt").read_bytes() == last
+    with np.load(eval_dir / "features.npz") as f:
+        assert list(f["names"]) == list(every["names"]) and list(f["split"]) == list(every["split"])
+        np.testing.assert_allclose(f["features"], every["features"], rtol=1e-5, atol=1e-6)
+    assert json.loads((eval_dir / "metrics.json").read_text()) == metrics
+    mtime = (full_dir / "metrics.json").stat().st_mtime_ns
+    assert train(RunSpec(profile, "resnet2d"), full_dir, progress=False, every_volume=False)["auroc"] == metrics["auroc"]
+    assert (full_dir / "metrics.json").stat().st_mtime_ns == mtime and scored_every_volume(full_dir)

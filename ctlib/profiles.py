@@ -119,8 +119,10 @@ DEMO = dataclasses.replace(
     size_2d=(56, 56, 24),
     size_3d=(56, 56, 24),
     num_slices=16,
-    weights="IMAGENET1K_V1",
-    allow_random_init=True,  # ImageNet weights are used when cached locally, else random init
+    # Random initialisation on every machine: the demo's numbers must not depend on whether ImageNet
+    # weights can be downloaded (--set weights=IMAGENET1K_V1 tries them, falling back when offline).
+    weights=None,
+    allow_random_init=True,
     vit_patch_size=8,
     vit_dim=128,
     vit_spatial_depth=2,

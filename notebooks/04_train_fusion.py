@@ -37,6 +37,7 @@ gpus = None
 launcher = ""  # "": torchrun --standalone here; or a cluster prefix, e.g. "srun torchrun --nnodes 4 ..."
 seed = 0
 redo = False
+runs_at_once = None  # runs trained side by side on a CPU-only machine (None: from the cores; 1: one by one)
 
 # %%
 # %matplotlib inline
@@ -46,7 +47,7 @@ import pandas as pd
 from IPython.display import display
 
 from ctlib import figures
-from ctlib.launch import paper_outputs, train_run
+from ctlib.launch import paper_outputs, run_name, train_runs
 from ctlib.train import prepare_data
 
 MODEL, ALPHA, LABEL = "fusion", 1.0, "ResNet+ViT"
@@ -73,16 +74,23 @@ print(f"{len(cohort)} volumes of {cohort['patient'].nunique()} patients, prepare
 # CPU), or the cluster command prefix `launcher` does (multi-node: see the README). Its log streams
 # below and a failure stops the notebook. A finished run with the same settings
 # is reused unless `redo`.
+#
+# The fusion with a **learned** alpha (notebook 05's row, and the model of notebooks 07 and 08) trains
+# here too. On GPUs the two runs go one after another; on a CPU-only machine they train side by side,
+# each on its share of the cores (two one-thread runs train ~1.3x as many steps per second as one
+# two-thread run; `runs_at_once`, see `ctlib.launch.concurrent_runs`). Notebook 05 then reuses it.
 
 # %%
-# the tables need the validation and test scores only (notebook 07 reads the learned-alpha run's
-# features of every volume)
-train_run(out, MODEL, ALPHA, processes=gpus, launcher=launcher, redo=redo, every_volume=False)
+# alpha = 1 is scored on validation and test (all the tables need); the learned-alpha run on every
+# volume, whose features notebooks 07 and 08 read
+train_runs(out, [(MODEL, ALPHA), (MODEL, "learned")], processes=gpus, launcher=launcher, redo=redo,
+           at_once=runs_at_once, every_volume=[run_name(MODEL, "learned")])
 
 # %% [markdown]
 # ## Learning curves
 #
-# The ResNet branch starts from ImageNet weights and the ViT from scratch; the residual form lets the ViT only add to a working 2D model.
+# The ResNet branch starts from ImageNet weights (`paper`; random ones in `demo` and `smoke`) and the ViT
+# from scratch; the residual form lets the ViT only add to a working 2D model.
 
 # %%
 history = pd.read_csv(run_dir / "history.csv")

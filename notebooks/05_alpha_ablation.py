@@ -65,19 +65,20 @@ print(f"profile {prof.name}: alphas {list(alpha_label.values())} -> {out.runs}")
 # %% [markdown]
 # ## Training the fusion at every alpha
 #
-# One run per alpha, launched with `torchrun` as in notebooks 02-04. The alpha = 0 and alpha = 1 runs are
-# notebook 02's and 04's and are not retrained here, even with `redo`. On GPUs the runs go one after another, each on every GPU;
+# One run per alpha, launched with `torchrun` as in notebooks 02-04. The alpha = 0 run is notebook 02's,
+# alpha = 1 and the learned alpha are notebook 04's: they are not retrained here, even with `redo`. On GPUs the runs go one after another, each on every GPU;
 # on a CPU-only machine several train side by side, each on its share of the cores (`runs_at_once`:
 # None decides from the machine, 1 forces one at a time; see `ctlib.launch.concurrent_runs`).
 
 # %%
-# the learned-alpha run scores every volume (notebooks 07 and 08 read its features); the tables need the
-# validation and test scores only
-train_runs(out, [("fusion", alpha) for alpha in ALPHAS if alpha not in (0.0, 1.0)], processes=gpus,
-           launcher=launcher, redo=redo, at_once=runs_at_once, every_volume=[run_name("fusion", "learned")])
-# notebook 02's and 04's runs, trained here only if missing
-train_runs(out, [("fusion", 0.0), ("fusion", 1.0)], processes=gpus, launcher=launcher, at_once=runs_at_once,
-           every_volume=False)
+# the tables need the validation and test scores only
+owned_elsewhere = (0.0, 1.0, "learned")
+train_runs(out, [("fusion", alpha) for alpha in ALPHAS if alpha not in owned_elsewhere], processes=gpus,
+           launcher=launcher, redo=redo, at_once=runs_at_once, every_volume=False)
+# notebook 02's and 04's runs, trained here only if missing (the learned-alpha one on every volume: notebooks
+# 07 and 08 read its features)
+train_runs(out, [("fusion", alpha) for alpha in owned_elsewhere], processes=gpus, launcher=launcher,
+           at_once=runs_at_once, every_volume=[run_name("fusion", "learned")])
 
 # %% [markdown]
 # ## Table 3

@@ -2,14 +2,15 @@
 
 Each measurement is a fresh subprocess with ``PYTHONPATH`` set to one checkout (say a worktree of
 ``main`` and this one). It builds the demo profile's model from that checkout's ``ctlib.train`` (random
-init, as the demo), its optimiser (AdamW with the profile's lr and weight decay) and, where the checkout
-has them, its ``accelerate`` (layout, compile) and ``to_device`` (float16 batches cast on the device);
+init, as the demo), its optimiser (``make_optimizer`` where the checkout has it, e.g. fused AdamW; else
+plain AdamW with the profile's lr and weight decay) and, where the checkout has them, its
+``accelerate`` (layout, compile) and ``to_device`` (float16 batches cast on the device);
 then it runs ``--warmup`` untimed and ``--steps`` timed steps on a random batch of the demo's size
 (8 volumes of 16x56x56). Runs alternate base, new, base, new, ... so that a shared CPU's load hits both
 alike; the table gives the fastest step (``min``, the steadiest figure on a shared machine) and the
 median of each side, and new/base ratios of both.
 
-    git worktree add /tmp/base c73f6dd
+    git worktree add /tmp/base c58afff
     python benchmarks/bench_demo_step.py --base /tmp/base --new . --rounds 3
     python benchmarks/bench_demo_step.py --base /tmp/base --new . --set compile=true --models resnet2d
     python benchmarks/bench_demo_step.py --base . --new . --new-channels-last   # one change alone
@@ -47,7 +48,10 @@ def measure(cfg: dict) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if hasattr(T, "accelerate"):
         model = T.accelerate(model, profile, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
+    if hasattr(T, "make_optimizer"):  # the checkout's own optimiser (fused AdamW where it has it)
+        opt = T.make_optimizer(model, profile, device)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay)
     s, h, w = profile.num_slices, *profile.image_size(cfg["model"])[1::-1]
     batch = (torch.rand(profile.batch_size, s, h, w) * 2 - 1).half()  # the cache's dtype
     y = (torch.rand(profile.batch_size, 18) < 0.3).float()

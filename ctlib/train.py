@@ -365,6 +365,14 @@ def accelerate(model: nn.Module, profile: Profile, device: torch.device) -> nn.M
     return model
 
 
+def make_optimizer(model: nn.Module, profile: Profile, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with the profile's rate and weight decay. One fused kernel per step instead of a handful of
+    ops per parameter tensor (the same update up to float rounding), on CUDA and on CPU (the demo's
+    ResNet step 1.26 -> 1.10 s on 2 cores)."""
+    return torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay,
+                             fused=device.type in ("cuda", "cpu"))
+
+
 def build_training(spec: RunSpec, data: RunData, out: Path, device: torch.device, world: int) -> Training:
     """Step 2, model: build (seeded), wrap in DDP, and resume from ``out/checkpoints/last.pt`` when present."""
     profile = spec.profile
@@ -374,10 +382,7 @@ def build_training(spec: RunSpec, data: RunData, out: Path, device: torch.device
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     model = accelerate(model, profile, device)
-    # One fused kernel per step instead of a handful of ops per parameter tensor (the same update, up to
-    # float rounding): on CUDA, and on CPU too (the demo's ResNet step 1.26 -> 1.10 s on 2 cores).
-    opt = torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay,
-                            fused=device.type in ("cuda", "cpu"))
+    opt = make_optimizer(model, profile, device)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=profile.plateau_factor, patience=profile.plateau_patience)
     state = Training(model, opt, sched, [], device=device)

@@ -24,6 +24,7 @@ DATA_ROOT=""
 SEED=0
 GPUS=""
 LAUNCHER=""
+RUNS_AT_ONCE=""
 REDO=False
 ONLY=""
 OUT_ROOT="$HERE"
@@ -49,6 +50,8 @@ Options:
                     `torchrun --standalone --nproc_per_node=<gpus>`, e.g. on a cluster
                     "srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500"
                     (followed by `-m ctlib.train ...`; run folders and caches must be on a shared filesystem)
+  --runs-at-once N  training runs side by side on a CPU-only machine (default: from the cores, two on
+                    two cores, one thread each; 1: one after another with all cores)
   --only LIST       run only these notebooks, e.g. --only 01,06
   --out DIR         root for data/, runs/, figures/, results/ (default: this folder)
   --notebooks DIR   the notebooks to run (default: notebooks/)
@@ -73,6 +76,7 @@ while [[ $# -gt 0 ]]; do
     --seed) SEED="$2"; shift 2 ;;
     --gpus) GPUS="$2"; shift 2 ;;
     --launcher) LAUNCHER="$2"; shift 2 ;;
+    --runs-at-once) RUNS_AT_ONCE="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
     --out) mkdir -p "$2"; OUT_ROOT="$(cd "$2" && pwd)"; shift 2 ;;
     --notebooks) NB_DIR="$(cd "$2" && pwd)"; shift 2 ;;
@@ -205,6 +209,7 @@ params=(-p profile "$PROFILE" -p work_dir "$WORK" -p runs_dir "$RUNS" -p figures
 [[ -n "$DATA_ROOT" ]] && params+=(-p data_root "$(cd "$DATA_ROOT" && pwd)")
 [[ -n "$GPUS" ]] && params+=(-p gpus "$GPUS")
 [[ -n "$LAUNCHER" ]] && params+=(-p launcher "$LAUNCHER")
+[[ -n "$RUNS_AT_ONCE" ]] && params+=(-p runs_at_once "$RUNS_AT_ONCE")
 
 declare -a failed=() timings=()
 start_all=$SECONDS

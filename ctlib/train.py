@@ -367,8 +367,9 @@ def accelerate(model: nn.Module, profile: Profile, device: torch.device) -> nn.M
 
 def make_optimizer(model: nn.Module, profile: Profile, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with the profile's rate and weight decay. One fused kernel per step instead of a handful of
-    ops per parameter tensor (the same update up to float rounding), on CUDA and on CPU (the demo's
-    ResNet step 1.26 -> 1.10 s on 2 cores)."""
+    ops per parameter tensor (the same update up to float rounding), on CUDA and on CPU. On the demo's
+    ResNet step on 2 CPU cores it made no measurable difference (benchmarks/bench_demo_step.py, fastest
+    step 1.12-1.29 s before, 1.23-1.26 s after: the convolutions dominate)."""
     return torch.optim.AdamW(model.parameters(), lr=profile.lr, weight_decay=profile.weight_decay,
                              fused=device.type in ("cuda", "cpu"))
 

@@ -34,6 +34,7 @@ gpus = None
 launcher = ""  # "": torchrun --standalone here; or a cluster prefix, e.g. "srun torchrun --nnodes 4 ..."
 seed = 0
 redo = False
+runs_at_once = None  # runs trained side by side on a CPU-only machine (None: from the cores; 1: one by one)
 
 # %%
 # %matplotlib inline
@@ -160,10 +161,10 @@ per_class_table.round(3)
 
 # %%
 classes_only = {label: f.drop(index="macro", errors="ignore") for label, f in per_class.items()}
-above_chance = pd.DataFrame({label: {"classes with a 95% interval above 0.5": int((f["low"] > 0.5).sum()),
-                                     "classes scored": int(f["low"].notna().sum()),
-                                     "macro AUROC": float(per_class[label]["auroc"].get("macro", f["auroc"].mean()))}
-                             for label, f in classes_only.items()}).T
+above_chance = pd.DataFrame(
+    [{"model": label, "macro AUROC": float(per_class[label]["auroc"].get("macro", f["auroc"].mean())),
+      "classes with a 95% interval above 0.5": int((f["low"] > 0.5).sum()),
+      "classes scored": int(f["low"].notna().sum())} for label, f in classes_only.items()]).set_index("model")
 figures.save_table(above_chance, res_dir / "classes_above_chance")
 above_chance
 

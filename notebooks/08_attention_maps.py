@@ -46,6 +46,7 @@ gpus = None
 launcher = ""  # "": torchrun --standalone here; or a cluster prefix, e.g. "srun torchrun --nnodes 4 ..."
 seed = 0
 redo = False
+runs_at_once = None  # runs trained side by side on a CPU-only machine (None: from the cores; 1: one by one)
 
 # %%
 # %matplotlib inline

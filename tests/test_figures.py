@@ -41,6 +41,7 @@ PARAMETERS = {
     "launcher": "",
     "seed": 0,
     "redo": False,
+    "runs_at_once": None,
 }
 
 

@@ -181,7 +181,6 @@ def run_concurrently(commands: dict[str, Sequence[str]], *, at_once: int, thread
     have ended, the first failure is raised (the others are printed): ``subprocess.CalledProcessError``
     for a non-zero exit, or the error of a command that could not start (e.g. ``FileNotFoundError``).
     """
-    queue = list(commands.items())
     slots = threading.Semaphore(max(1, at_once))
     failures: list[tuple[str, Exception]] = []
     lock = threading.Lock()
@@ -196,7 +195,7 @@ def run_concurrently(commands: dict[str, Sequence[str]], *, at_once: int, thread
             slots.release()
 
     workers = []
-    for name, cmd in queue:
+    for name, cmd in commands.items():
         slots.acquire()
         worker = threading.Thread(target=one, args=(name, cmd), daemon=True)
         worker.start()
@@ -285,10 +284,10 @@ def train_runs(outputs: PaperOutputs, runs: Sequence[tuple[str, float | str | No
     for model, alpha in runs:
         model, alpha = table_run(model, alpha)
         run_dir = outputs.run_dir(model, alpha)
-        if run_dir.name in commands or run_dir in dirs:
-            dirs.append(run_dir)
-            continue
+        seen = run_dir in dirs
         dirs.append(run_dir)
+        if seen:  # the same run twice (e.g. alpha 0 and the ResNet): trained once
+            continue
         model_alpha, extra = fusion_settings(alpha) if model == "fusion" else (1.0, {})
         # the profile the torchrun workers build from the same overrides
         spec = RunSpec(dataclasses.replace(prof, **extra), model, model_alpha)

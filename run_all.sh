@@ -198,7 +198,7 @@ if [[ "$MODE" == lab ]]; then start_lab; fi
 # --------------------------------------------------------------------------------------------
 # the paper
 # --------------------------------------------------------------------------------------------
-TAG="$("$PY" -c "from ctlib.launch import run_tag; print(run_tag('$PROFILE', $SEED))")"
+TAG="$("$PY" -c "from ctlib.runs import run_tag; print(run_tag('$PROFILE', $SEED))")"
 "$PY" -c "from ctlib.profiles import get_profile; get_profile('$PROFILE')" || exit 2
 RUNS="$OUT_ROOT/runs"; FIGS="$OUT_ROOT/figures"; RESULTS="$OUT_ROOT/results"; WORK="$OUT_ROOT/data"
 EXEC_DIR="$RUNS/$TAG/notebooks"

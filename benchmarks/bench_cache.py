@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctlib.cache import PreparedVolumes, Preprocessing, cache_dir, prepare
-from ctlib.data import CLASSES, load_cohort, preprocess, read_hu
+from ctlib.cache import PreparedVolumes, cache_dir, prepare
+from ctlib.data import CLASSES, load_cohort, read_hu
+from ctlib.preprocess import Preprocessing, preprocess
 
 SHAPE = (512, 512, 240)
 SPACING = (0.7, 0.7, 1.25)

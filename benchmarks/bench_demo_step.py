@@ -1,7 +1,7 @@
 """Demo training step, two checkouts side by side: seconds per step of each model, alternating base/new.
 
 Each measurement is a fresh subprocess with ``PYTHONPATH`` set to one checkout (say a worktree of
-``main`` and this one). It builds the demo profile's model from that checkout's ``ctlib.train`` (random
+``main`` and this one). It builds the demo profile's model from that checkout's ``ctlib.models`` (random
 init, as the demo), its optimiser (``make_optimizer`` where the checkout has it, e.g. fused AdamW; else
 plain AdamW with the profile's lr and weight decay) and, where the checkout has them, its
 ``accelerate`` (layout, compile) and ``to_device`` (float16 batches cast on the device);
@@ -35,6 +35,7 @@ def measure(cfg: dict) -> dict:
     import torch.nn.functional as F
 
     from ctlib import train as T
+    from ctlib.models import build_model
     from ctlib.profiles import get_profile
 
     if cfg["threads"]:
@@ -42,7 +43,7 @@ def measure(cfg: dict) -> dict:
     profile = get_profile("demo", **cfg["overrides"])
     torch.manual_seed(0)
     device = torch.device("cpu")
-    model = T.build_model(profile, cfg["model"], 1.0, pretrained=False).to(device).train()
+    model = build_model(profile, cfg["model"], 1.0, pretrained=False).to(device).train()
     start = time.perf_counter()
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)

@@ -3,12 +3,12 @@
 Sections:
 
 1. environment: torch, CUDA and cuDNN versions, the GPU's name and memory;
-2. models: each of ResNet2D, ViT3D and Fusion built by ``ctlib.train.build_model`` at the profile's sizes
+2. models: each of ResNet2D, ViT3D and Fusion built by ``ctlib.models.build_model`` at the profile's sizes
    (``paper``: ResNet 100 x 214 x 214, ViT and fusion 100 x 224 x 224, batch 8 on one device, bf16
    autocast on CUDA), eager and ``torch.compile``-d: training volumes per second (forward, BCE, backward,
    AdamW step; median of the timed steps, each ending in a device synchronisation) and peak memory;
 3. a fusion run through the real commands, each timed: a synthetic snapshot written at CT-RATE's resolution
-   (512 x 512 x 240 int16 ``.nii.gz``; ``ctlib.synthetic.generate``), ``python -m ctlib.cache``, and one
+   (512 x 512 x 240 int16 ``.nii.gz``; ``ctlib.synthetic.generate``), ``python -m ctlib.prepare``, and one
    short epoch of ``torchrun ... -m ctlib.train --profile paper`` with its evaluation;
 4. a two-process NCCL all-reduce when more than one GPU is visible.
 
@@ -65,7 +65,7 @@ def time_model(profile, model: str, device: str, compiled: bool, steps: int, war
     import torch
     import torch.nn.functional as F
 
-    from ctlib.train import build_model
+    from ctlib.models import build_model
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -148,7 +148,7 @@ def fusion_run(work: Path, device: str, quick: bool, workers: int) -> dict:
                        workers=workers, progress=False)
     gen_s = time.perf_counter() - t0
     common = ["--profile", s["profile"], "--data-root", str(data), "--work-dir", str(work / "work")]
-    prep_s = _timed([sys.executable, "-m", "ctlib.cache", *common, "--workers", str(workers), "--no-progress"],
+    prep_s = _timed([sys.executable, "-m", "ctlib.prepare", *common, "--workers", str(workers), "--no-progress"],
                     work / "prepare.log")
     sets = ["weights=null", "allow_random_init=true", "epochs=1", f"max_steps_per_epoch={s['steps']}",
             f"num_workers={min(4, workers)}", "bootstrap=100"]
@@ -243,7 +243,7 @@ def markdown(report: dict) -> str:
                   f"{run['max_steps_per_epoch']} steps (`--set {' --set '.join(run['overrides'])}`).", "",
                   "| phase | seconds |", "|---|---:|",
                   f"| generation (ctlib.synthetic.generate) | {run['generate_s']:.1f} |",
-                  f"| preparation (python -m ctlib.cache) | {run['prepare_s']:.1f} "
+                  f"| preparation (python -m ctlib.prepare) | {run['prepare_s']:.1f} "
                   f"({run['prepare_s_per_volume']:.2f} per volume) |",
                   f"| training + evaluation (torchrun -m ctlib.train) | {run['train_and_evaluate_s']:.1f} |",
                   f"| of which the epoch (train + validation) | {run['epoch_s']:.1f} |",

@@ -10,9 +10,9 @@ attention that flows from input token (slice s, patch n) to the pooled output is
 
 (:func:`compose_rollout`; it sums to 1 for row-stochastic rollouts; the class-specific relevance
 replaces the uniform 1/(S*N) by a weight per output token (q, n')). The product of the two marginals,
-``mean_q R_slice[n][q, s] * mean_n' R_spatial[s][n', n]`` (:func:`marginal_rollout`, used before), takes
-the slice attention at the *input* patch's position instead of at the position the spatial stage routed
-that patch to, and differs where attention is sharp.
+``mean_q R_slice[n][q, s] * mean_n' R_spatial[s][n', n]``, would take the slice attention at the *input*
+patch's position instead of at the position the spatial stage routed that patch to, and differs where
+attention is sharp.
 
 - :func:`vit_attention`: class-agnostic attention rollout (heads averaged, the skip connection as
   ``0.5 * A + 0.5 * I``, rows renormalised, layers multiplied), composed exactly over both stages.
@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["as_distribution", "compose_rollout", "concentration", "find_block", "gradcam_resnet",
-           "gradient_rollout", "marginal_rollout", "normalise_residual", "received_attention", "rollout", "salient_slices",
-           "vit_attention", "vit_relevance", "vit_relevance_tokens"]
+           "gradient_rollout", "normalise_residual", "rollout", "salient_slices", "vit_attention", "vit_relevance", "vit_relevance_tokens"]
 
 
 def rollout(attention: Tensor, *, residual: bool = True) -> Tensor:
@@ -67,14 +66,6 @@ def rollout(attention: Tensor, *, residual: bool = True) -> Tensor:
     for layer in range(1, a.shape[-3]):
         result = a[..., layer, :, :] @ result
     return result
-
-
-def received_attention(attention: Tensor, *, residual: bool = True) -> Tensor:
-    """The attention each token receives after rollout, averaged over queries: (..., L, h, N, N) -> (..., N).
-
-    For row-stochastic attention the values of each ``(..., :)`` sum to 1.
-    """
-    return rollout(attention, residual=residual).mean(dim=-2)
 
 
 def compose_rollout(spatial: Tensor, across: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -108,16 +99,6 @@ def compose_rollout(spatial: Tensor, across: Tensor, weights: Tensor | None = No
         if weights.sum() > 0:
             w = weights / weights.sum()
     return torch.einsum("qp,pqs,spn->sn", w, across.float(), spatial.float())
-
-
-def marginal_rollout(spatial: Tensor, across: Tensor) -> Tensor:
-    """The former approximation, for comparison: (S, N, N), (N, S, S) -> (S, N), summing to 1.
-
-    ``mean_n' spatial[s][n', n] * mean_q across[n][q, s]``: the slice attention is taken at the input
-    patch's own position n rather than at the positions n' the spatial stage sends it to.
-    """
-    out = spatial.float().mean(dim=-2) * across.float().mean(dim=-2).T
-    return out / out.sum().clamp_min(1e-30)
 
 
 def gradient_rollout(attention: Tensor, grads: Tensor) -> Tensor:

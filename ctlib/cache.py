@@ -11,8 +11,8 @@ when it finds it and by ``PreparedVolumes`` when it opens it, the digest by both
 foreign file is named and re-made by ``prepare`` from its source. Non-finite values are never written.
 The key starts with ``PREPROCESSING_VERSION``: changed preprocessing code never reuses old files.
 
-Command line: ``python -m ctlib.cache --profile NAME [--data-root DIR]`` prepares everything a profile's
-training reads (``ctlib.cohort.prepare_profile``); see ``--help``.
+The command that prepares everything a profile's training reads is ``python -m ctlib.prepare``
+(:mod:`ctlib.prepare`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import re
-import socket
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -43,20 +40,19 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ctlib.data import CLASSES, DataError, StrPath, check_preprocess_args, preprocess, read_hu
+from ctlib import atomic
+from ctlib.data import CLASSES, DataError, StrPath, read_hu
+from ctlib.preprocess import Preprocessing
 
 __all__ = [
-    "PREPROCESSING_VERSION",
     "CacheError",
     "PreparationError",
     "PreparedVolumes",
-    "Preprocessing",
     "PrepareReport",
     "cache_dir",
     "check_entry",
     "load_prepared",
     "load_settings",
-    "main",
     "prepare",
     "prepared_path",
 ]
@@ -66,19 +62,14 @@ logger = logging.getLogger(__name__)
 SETTINGS_JSON = "preprocessing.json"
 FAILURES_CSV = "failures.csv"
 CACHE_DTYPE = np.float16
-# Bump whenever ctlib.data.read_hu / preprocess or the entry format change: it is part of every cache key, so
-# files written by older code are never reused.
-PREPROCESSING_VERSION = 2
 _SUM_MAGIC = b"CTLIBSUM"
 _SUM_BYTES = 16
 TRAILER_BYTES = len(_SUM_MAGIC) + _SUM_BYTES
-# Temp files: ".<entry>.<host>.<pid>.tmp" next to the entry, so that os.replace is atomic (same file system).
-# A cache folder may be shared by preparers on several hosts (a cluster's network file system), where a pid
-# means nothing outside its host: a temp file is removed as stale only when it carries this host's name and
-# its pid is dead here, or, from another host, when it is older than _FOREIGN_TEMP_AGE_S (no single volume
-# takes a day to write). So a live preparer's file on any host is never deleted.
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
-_TEMP = re.compile(r"^\..+\.([A-Za-z0-9-]+)\.(\d+)\.tmp$")
+# Entries are written through ctlib.atomic's temp files (".<entry>.<host>.<pid>.tmp"). A cache folder may be
+# shared by preparers on several hosts, where a pid means nothing outside its host: a temp file is removed as
+# stale only when it carries this host's name and its pid is dead here, or, from another host, when it is
+# older than _FOREIGN_TEMP_AGE_S (no single volume takes a day to write). So a live preparer's file on any host
+# is never deleted.
 _FOREIGN_TEMP_AGE_S = 24 * 3600
 
 
@@ -89,67 +80,6 @@ class CacheError(RuntimeError):
 class PreparationError(RuntimeError):
     """Preparation cannot go on: a worker process died, or too many volumes failed."""
 _ROW_FIELDS = ("VolumeName", "path", "hu_ready", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing")
-
-
-def _number(x: float) -> str:
-    """Shortest exact decimal, filesystem-safe: -1000.0 -> '-1000', 0.75 -> '0.75'."""
-    return np.format_float_positional(float(x), trim="-")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Settings of ``ctlib.data.preprocess``; one cache folder per distinct settings (``key``).
-
-    Defaults are the paper's (section 3.1): 214x214x240 crop/pad, centre 100 slices, [-1000, 1000] HU,
-    no resampling. Output of ``apply``: float32 (num_slices, size[1], size[0]).
-    """
-
-    size: tuple[int, int, int] = (214, 214, 240)
-    num_slices: int = 100
-    hu_range: tuple[float, float] = (-1000.0, 1000.0)
-    target_spacing: tuple[float, float, float] | None = None
-
-    def __post_init__(self) -> None:
-        size, num_slices, hu_range, target_spacing = check_preprocess_args(
-            self.size, self.num_slices, self.hu_range, self.target_spacing
-        )
-        object.__setattr__(self, "size", size)
-        object.__setattr__(self, "num_slices", num_slices)
-        object.__setattr__(self, "hu_range", hu_range)
-        object.__setattr__(self, "target_spacing", target_spacing)
-
-    @property
-    def key(self) -> str:
-        """Readable, filesystem-safe, unique per settings and code version, e.g.
-        ``v2-214x214x240-n100-hu-1000_1000-native``."""
-        size = "x".join(str(s) for s in self.size)
-        hu = "_".join(_number(v) for v in self.hu_range)
-        spacing = "native" if self.target_spacing is None else "sp" + "x".join(map(_number, self.target_spacing))
-        return f"v{PREPROCESSING_VERSION}-{size}-n{self.num_slices}-hu{hu}-{spacing}"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """Shape of a prepared volume: (S, H, W) = (num_slices, size[1], size[0])."""
-        return (self.num_slices, self.size[1], self.size[0])
-
-    def apply(self, hu: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
-        """HU volume (X, Y, Z) -> float32 (S, H, W) in [-1, 1]; ``spacing`` (mm) needed to resample."""
-        return preprocess(hu, spacing=spacing, target_spacing=self.target_spacing, size=self.size,
-                          num_slices=self.num_slices, hu_range=self.hu_range)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "size": list(self.size),
-            "num_slices": self.num_slices,
-            "hu_range": list(self.hu_range),
-            "target_spacing": None if self.target_spacing is None else list(self.target_spacing),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        ts = d.get("target_spacing")
-        return cls(size=tuple(d["size"]), num_slices=int(d["num_slices"]), hu_range=tuple(d["hu_range"]),
-                   target_spacing=None if ts is None else tuple(ts))
 
 
 def cache_dir(cache_root: StrPath, prep: Preprocessing) -> Path:
@@ -192,18 +122,8 @@ class PrepareReport:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Atomic writes
+# Writing entries
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_npy(f: Any, arr: np.ndarray) -> None:
@@ -221,29 +141,6 @@ def _write_entry(f: Any, arr: np.ndarray) -> None:
     f.write(_SUM_MAGIC + _digest(arr))
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` via a temp file in the same folder: write, fsync, ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    _atomic_write(path, lambda f: _write_entry(f, arr))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # ours, from an earlier interrupted call in this process
@@ -259,16 +156,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_stale_temps(folder: Path) -> int:
-    """Remove temp files left by a killed prepare; returns how many. See ``_HOST``: this host's files whose
-    pid is dead, other hosts' files only when older than a day."""
+    """Remove temp files left by a killed prepare; returns how many. See ``_FOREIGN_TEMP_AGE_S``: this host's
+    files whose pid is dead, other hosts' files only when older than a day."""
     removed = 0
     now = time.time()
     for p in folder.iterdir():
-        m = _TEMP.match(p.name)
-        if not m:
+        owner = atomic.temp_owner(p.name)
+        if owner is None:
             continue
-        if m.group(1) == _HOST:
-            stale = not _pid_alive(int(m.group(2)))
+        if owner[0] == atomic.HOST:
+            stale = not _pid_alive(owner[1])
         else:
             try:
                 stale = now - p.stat().st_mtime > _FOREIGN_TEMP_AGE_S
@@ -350,11 +247,11 @@ def load_prepared(cache_dir: StrPath, name: str, shape: Sequence[int] | None = N
     """
     path = prepared_path(cache_dir, name)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: volume {name} is not in the cache; run `python -m ctlib.cache` "
+        raise FileNotFoundError(f"{path}: volume {name} is not in the cache; run `python -m ctlib.prepare` "
                                 "(see the README) to prepare it")
     problem = check_entry(path, shape)
     if problem:
-        raise CacheError(f"{path}: {problem}; rerun `python -m ctlib.cache` to re-make it")
+        raise CacheError(f"{path}: {problem}; rerun `python -m ctlib.prepare` to re-make it")
     return np.load(path, mmap_mode="r")
 
 
@@ -388,7 +285,7 @@ class PreparedVolumes(Dataset):
         missing = [n for n in self._names if not prepared_path(self.cache_dir, n).is_file()]
         if missing:
             msg = (f"{len(missing)} volume(s) not in the cache {self.cache_dir}, e.g. {missing[:3]}: run "
-                   "`python -m ctlib.cache` first (see the README)")
+                   "`python -m ctlib.prepare` first (see the README)")
             if (self.cache_dir / FAILURES_CSV).is_file():
                 msg += f"; volumes that failed to prepare are listed in {self.cache_dir / FAILURES_CSV}"
             raise FileNotFoundError(msg)
@@ -407,7 +304,7 @@ class PreparedVolumes(Dataset):
                 trailer = f.read()
             if trailer != _SUM_MAGIC + _digest(data):
                 raise CacheError(f"{path}: content does not match its checksum (zeroed or corrupted); rerun "
-                                 "`python -m ctlib.cache` to re-make it")
+                                 "`python -m ctlib.prepare` to re-make it")
         except (CacheError, FileNotFoundError):
             raise
         except Exception as err:  # anything else: say which volume
@@ -454,7 +351,7 @@ def _prepare_one(task: dict[str, Any], out_dir: str, prep: Preprocessing) -> tup
         del hu
         if not np.isfinite(arr).all():  # never cache NaN/inf (read_hu rejects them; this guards the rest)
             raise DataError(f"{task['path']}: preprocessing produced non-finite values; not cached")
-        _atomic_save(prepared_path(out_dir, name), arr)
+        atomic.write_atomic(prepared_path(out_dir, name), lambda f: _write_entry(f, arr))
     except DataError as err:
         return name, str(err)
     except Exception as err:  # anything else while reading one volume: record it, keep going
@@ -482,7 +379,7 @@ def _write_settings(folder: Path, prep: Preprocessing) -> None:
     text = json.dumps(doc, indent=2) + "\n"
     if path.is_file() and path.read_text() == text:
         return  # unchanged: concurrent shards never rewrite it
-    _atomic_text(path, text)
+    atomic.write_text(path, text)
 
 
 def _write_failures(folder: Path, failed: dict[str, str], name: str = FAILURES_CSV) -> None:
@@ -493,7 +390,7 @@ def _write_failures(folder: Path, failed: dict[str, str], name: str = FAILURES_C
         w.writerows(failed.items())
         f.write(text.getvalue().encode("utf-8"))
 
-    _atomic_write(folder / name, write)
+    atomic.write_atomic(folder / name, write)
 
 
 def _verify_existing(tasks: list[dict[str, Any]], out: Path, prep: Preprocessing, report: PrepareReport,
@@ -567,7 +464,7 @@ def prepare(
         prep: the preprocessing (default: the paper's).
         workers: processes (spawned); 1 runs in this process.
         progress: show tqdm progress bars (with an ETA).
-        failures_name: the failures file (a shard writes its own: ``ctlib.shards``).
+        failures_name: the failures file (a shard writes its own: ``ctlib.prepare``).
 
     Returns:
         PrepareReport with ``done``, ``skipped`` (reused), ``failed`` and ``remade``.
@@ -618,19 +515,3 @@ def prepare(
     report.seconds = time.time() - t0
     logger.info("%s", report.summary())
     return report
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ctlib.cache``: see ``ctlib.cohort.main`` (profile-level preparation)."""
-    from ctlib.cohort import main as prepare_main
-
-    return prepare_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

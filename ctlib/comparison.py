@@ -30,14 +30,9 @@ import numpy as np
 import pandas as pd
 
 from ctlib.data import CLASSES, parse_volume_name
-from ctlib.metrics import (
-    _bootstrap_counts,
-    _check_arrays,
-    _has_both,
-    auroc_rank,
-    auroc_weighted,
-    read_predictions,
-)
+from ctlib.metrics import auroc_rank, auroc_weighted, bootstrap_counts, check_arrays, has_both_labels
+from ctlib.runs import read_predictions
+from ctlib.synthetic.signatures import class_groups
 
 __all__ = [
     "check_paired",
@@ -59,16 +54,10 @@ def class_groups_for(data_root: str | os.PathLike[str] | None) -> dict[str, list
 
     On CT-RATE (``data_root`` given) nothing says which class needs 3D context, so there are no groups.
     On the synthetic snapshot the groups come from ``ctlib.synthetic.class_groups()`` (each class's
-    ``needs_3d`` flag); where that function does not exist (yet), per-group rows are skipped.
+    ``needs_3d`` flag).
     """
     if data_root is not None:
         print("CT-RATE data: no 2D/3D class groups (they exist for the synthetic data only); overall rows only")
-        return None
-    import ctlib.synthetic as synthetic
-
-    class_groups = getattr(synthetic, "class_groups", None)
-    if class_groups is None:
-        print("ctlib.synthetic has no class_groups(): per-group (2D/3D) rows are skipped")
         return None
     return {str(k): list(v) for k, v in class_groups().items()}
 
@@ -87,12 +76,12 @@ def _resample_weights(n: int, patients: Sequence[Any] | np.ndarray | None, n_boo
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     rng = np.random.default_rng(seed)
     if patients is None:
-        return _bootstrap_counts(rng, n, n_boot).astype(np.float64)
+        return bootstrap_counts(rng, n, n_boot).astype(np.float64)
     g = np.asarray(patients)
     if g.shape != (n,):
         raise ValueError(f"patients must have shape ({n},), one patient per volume, got {g.shape}")
     _, unit_of = np.unique(g, return_inverse=True)
-    unit_counts = _bootstrap_counts(rng, int(unit_of.max()) + 1, n_boot)
+    unit_counts = bootstrap_counts(rng, int(unit_of.max()) + 1, n_boot)
     return unit_counts[:, unit_of].astype(np.float64)  # every volume of a patient, as often
 
 
@@ -114,7 +103,7 @@ def _class_sets(groups: Mapping[str, Sequence[str]] | None, classes: Sequence[st
 def _boot_per_class(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """(N, C) labels and probs, (B, N) weights -> (B, C) AUROC per resample, NaN where unscorable."""
     boot = np.full((weights.shape[0], y.shape[1]), np.nan)
-    for k in np.flatnonzero(_has_both(y)):
+    for k in np.flatnonzero(has_both_labels(y)):
         boot[:, k] = auroc_weighted(y[:, k], p[:, k], weights)
     return boot
 
@@ -169,7 +158,7 @@ def group_auroc(
     """
     classes = tuple(classes)
     _check_ci(ci)
-    y, p = _check_arrays(labels, probs, classes)
+    y, p = check_arrays(labels, probs, classes)
     sets = _class_sets(groups, classes)
     boot = _boot_per_class(y, p, _resample_weights(y.shape[0], patients, n_boot, seed))
     point = auroc_rank(y, p)
@@ -218,8 +207,8 @@ def paired_bootstrap_auroc(
     """
     classes = tuple(classes)
     _check_ci(ci)
-    y, pa = _check_arrays(labels, probs_a, classes, what="model A")
-    _, pb = _check_arrays(labels, probs_b, classes, what="model B")
+    y, pa = check_arrays(labels, probs_a, classes, what="model A")
+    _, pb = check_arrays(labels, probs_b, classes, what="model B")
     sets = _class_sets(groups, classes)
     weights = _resample_weights(y.shape[0], patients, n_boot, seed)
     boot_a, boot_b = _boot_per_class(y, pa, weights), _boot_per_class(y, pb, weights)

@@ -1,6 +1,8 @@
-"""CT-RATE as it lies on disk: labels, metadata, HU conversion, preprocessing, splits.
+"""CT-RATE as it lies on disk: the 18 classes, volume names and layout, the labels and metadata CSVs, the
+cohort of usable volumes (:func:`load_cohort`) and one volume in Hounsfield units (:func:`read_hu`).
 
-See ``../shared/ctrate-format.md`` for the layout this module honours.
+See ``../shared/ctrate-format.md`` for the layout this module honours. What happens to a volume next is
+:mod:`ctlib.preprocess`; how the cohort is split by patient is :mod:`ctlib.split`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
 # The 18 abnormality classes: CT-RATE's spelling and order (labels CSV header).
 CLASSES: tuple[str, ...] = (
@@ -117,7 +117,6 @@ def volume_relpath(name: str, *, fixed: bool = False) -> str:
 logger = logging.getLogger(__name__)
 
 SOURCE_SPLITS: tuple[str, ...] = ("train", "valid")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 # Metadata columns the loader needs (the rest of METADATA_COLUMNS is carried by the CSV but unused here).
 _METADATA_NEEDED: tuple[str, ...] = ("VolumeName", "XYSpacing", "RescaleIntercept", "RescaleSlope", "ZSpacing")
@@ -485,253 +484,3 @@ def read_hu(row: Mapping[str, Any]) -> np.ndarray:
     hu = hu.reshape(shape)
     _check_plausible(hu, path)
     return hu
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Preprocessing (paper section 3.1)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _as_triple(name: str, value: Any, *, integer: bool) -> tuple:
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise ValueError(f"{name} must hold 3 values (X, Y, Z), got {value!r}") from None
-    if len(items) != 3:
-        raise ValueError(f"{name} must hold 3 values (X, Y, Z), got {value!r}")
-    if integer:
-        if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in items):
-            raise ValueError(f"{name} must be 3 positive integers, got {value!r}")
-        return tuple(int(v) for v in items)
-    try:
-        out = tuple(float(v) for v in items)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be 3 positive numbers in mm, got {value!r}") from None
-    if not all(math.isfinite(v) and v > 0 for v in out):
-        raise ValueError(f"{name} must be 3 positive finite numbers in mm, got {value!r}")
-    return out
-
-
-def check_preprocess_args(
-    size: Sequence[int],
-    num_slices: int,
-    hu_range: Sequence[float],
-    target_spacing: Sequence[float] | None,
-) -> tuple[tuple[int, int, int], int, tuple[float, float], tuple[float, float, float] | None]:
-    """Validate and normalise ``preprocess`` settings; returns them as tuples.
-
-    Raises:
-        ValueError: naming the bad value.
-    """
-    size = _as_triple("size", size, integer=True)
-    if isinstance(num_slices, bool) or not isinstance(num_slices, int | np.integer) or num_slices < 1:
-        raise ValueError(f"num_slices must be a positive integer, got {num_slices!r}")
-    if num_slices > size[2]:
-        raise ValueError(f"num_slices={num_slices} exceeds the {size[2]} slices of size={size}")
-    try:
-        lo, hi = (float(v) for v in hu_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"hu_range must be two numbers (low, high), got {hu_range!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"hu_range must be finite with low < high, got {hu_range!r}")
-    if target_spacing is not None:
-        target_spacing = _as_triple("target_spacing", target_spacing, integer=False)
-    return size, int(num_slices), (lo, hi), target_spacing
-
-
-def _window(n: int, target: int) -> tuple[int, int, int]:
-    """Centre crop or pad of an axis of length n to target, upstream convention.
-
-    Returns ``(offset, start, stop)``: ``out[j] = src[j + offset]`` for ``start <= j < stop``, pad elsewhere.
-    Crop start ``(n - target) // 2``; pad ``(target - n) // 2`` before, the rest after.
-    """
-    if n >= target:
-        return (n - target) // 2, 0, target
-    before = (target - n) // 2
-    return -before, before, before + n
-
-
-def resample(hu: np.ndarray, spacing: Sequence[float], target_spacing: Sequence[float]) -> np.ndarray:
-    """Trilinear resampling (X, Y, Z) from ``spacing`` to ``target_spacing`` mm.
-
-    The new shape is ``round(n * s / t)`` per axis (half up, at least 1); returns float32.
-    """
-    spacing = _as_triple("spacing", spacing, integer=False)
-    target_spacing = _as_triple("target_spacing", target_spacing, integer=False)
-    shape = tuple(
-        max(1, math.floor(n * s / t + 0.5)) for n, s, t in zip(hu.shape, spacing, target_spacing, strict=True)
-    )
-    if shape == hu.shape:
-        return np.asarray(hu, dtype=np.float32)
-    volume = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
-    with torch.no_grad():
-        out = F.interpolate(volume, size=shape, mode="trilinear", align_corners=False)
-    return out[0, 0].numpy()
-
-
-def preprocess(
-    hu: np.ndarray,
-    *,
-    spacing: Sequence[float] | None = None,
-    target_spacing: Sequence[float] | None = None,
-    size: Sequence[int] = (214, 214, 240),
-    num_slices: int = 100,
-    hu_range: Sequence[float] = (-1000.0, 1000.0),
-) -> np.ndarray:
-    """The paper's preprocessing (section 3.1): HU volume (X, Y, Z) -> network input (Z, Y, X) in [-1, 1].
-
-    Steps: optional trilinear resampling from ``spacing`` to ``target_spacing`` (mm) -> clip to ``hu_range``
-    -> centre crop or pad (X, Y, Z) to ``size`` (crop start ``(n - t) // 2``; pad ``(t - n) // 2`` before,
-    the rest after, with air ``hu_range[0]``) -> divide by ``max(|hu_range|)`` -> centre ``num_slices``
-    slices (start ``(size[2] - num_slices) // 2``) -> transpose to (Z, Y, X). The defaults are the paper's
-    text; the ViT profile uses ``size=(224, 224, 240)``, the CT-CLIP-style variant
-    ``target_spacing=(0.75, 0.75, 1.5), size=(480, 480, 240)``.
-
-    Args:
-        hu: (X, Y, Z) array in HU.
-        spacing: (sx, sy, sz) mm of ``hu``; required when ``target_spacing`` is given.
-        target_spacing: (tx, ty, tz) mm to resample to, or None for no resampling.
-        size: (X, Y, Z) after crop/pad.
-        num_slices: centre slices kept, at most ``size[2]``.
-        hu_range: (low, high) clipping window in HU.
-
-    Returns:
-        float32 array (num_slices, size[1], size[0]).
-    """
-    size, num_slices, (lo, hi), target_spacing = check_preprocess_args(size, num_slices, hu_range,
-                                                                        target_spacing)
-    scale = np.float32(max(abs(lo), abs(hi)))
-
-    def clip_and_scale(block: np.ndarray) -> np.ndarray:
-        np.clip(block, lo, hi, out=block)
-        block /= scale
-        return block
-
-    return to_model_frame(hu, spacing=spacing, target_spacing=target_spacing, size=size, num_slices=num_slices,
-                          fill=np.float32(lo) / scale, transform=clip_and_scale)
-
-
-def to_model_frame(
-    volume: np.ndarray,
-    *,
-    spacing: Sequence[float] | None,
-    target_spacing: Sequence[float] | None,
-    size: Sequence[int],
-    num_slices: int,
-    fill: float,
-    transform: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> np.ndarray:
-    """The spatial part of :func:`preprocess`, for any (X, Y, Z) volume (an image, a 0/1 lesion mask).
-
-    Optional trilinear resampling from ``spacing`` to ``target_spacing`` -> centre crop or pad to ``size``
-    (pad value ``fill``) -> centre ``num_slices`` slices -> transpose to (Z, Y, X). ``transform`` is applied
-    in place to the float32 block of surviving voxels (``preprocess`` clips and scales there, which
-    commutes with the windows because ``fill`` is inside the clip range).
-
-    Returns:
-        float32 array (num_slices, size[1], size[0]).
-    """
-    volume = np.asarray(volume)
-    if volume.ndim != 3:
-        raise ValueError(f"hu must be a 3D (X, Y, Z) array, got shape {volume.shape}")
-    if target_spacing is not None:
-        if spacing is None:
-            raise ValueError("spacing (sx, sy, sz) of the volume is required when target_spacing is given")
-        volume = resample(volume, spacing, target_spacing)
-
-    # Crop/pad and the centre-slice selection are both windows, so compose them and touch only the voxels
-    # that survive.
-    wx, wy = _window(volume.shape[0], size[0]), _window(volume.shape[1], size[1])
-    z_off, z_start, z_stop = _window(volume.shape[2], size[2])
-    first = (size[2] - num_slices) // 2
-    wz = (z_off + first, max(0, z_start - first), min(num_slices, z_stop - first))
-
-    out = np.full((num_slices, size[1], size[0]), fill, dtype=np.float32)
-    if wz[1] < wz[2]:
-        src = tuple(slice(s + off, e + off) for off, s, e in (wx, wy, wz))
-        block = np.array(volume[src], dtype=np.float32)
-        if transform is not None:
-            block = transform(block)
-        out[wz[1]:wz[2], wy[1]:wy[2], wx[1]:wx[2]] = block.transpose(2, 1, 0)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Patient-level stratified splits and Table 1
-# ---------------------------------------------------------------------------------------------------------
-
-
-def split_patients(
-    cohort: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0
-) -> pd.Series:
-    """Train/val/test split by patient, stratified over the 18 labels (paper: 70:20:10).
-
-    Every volume of a patient (scans and reconstructions) lands in one split. Patients are assigned with
-    iterative multilabel stratification (Sechidis et al. 2011, ``iterstrat``) on their label vector, the OR
-    over their volumes, after a seeded shuffle. With 3 or more patients every split is non-empty.
-
-    Args:
-        cohort: DataFrame with ``patient`` and the ``CLASSES`` columns (n volumes).
-        fractions: (train, val, test), positive, summing to 1.
-        seed: the split is a deterministic function of cohort and seed.
-
-    Returns:
-        Series of 'train'/'val'/'test' (n,), indexed like ``cohort``, named ``split``.
-    """
-    from iterstrat.ml_stratifiers import IterativeStratification
-
-    try:
-        r = np.array([float(f) for f in fractions], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"fractions must be 3 numbers (train, val, test), got {fractions!r}") from None
-    if r.shape != (3,) or not np.all(np.isfinite(r)) or np.any(r <= 0) or abs(r.sum() - 1) > 1e-6:
-        raise ValueError(f"fractions must be 3 positive numbers summing to 1, got {fractions!r}")
-    missing = [c for c in ("patient", *CLASSES) if c not in cohort.columns]
-    if missing:
-        raise ValueError(f"cohort lacks column(s) {missing}")
-    if len(cohort) == 0:
-        raise ValueError("cannot split an empty cohort")
-
-    per_patient = cohort.groupby("patient", sort=True)[list(CLASSES)].max()
-    patients = per_patient.index.to_numpy()
-    y = per_patient.to_numpy() > 0
-    rng = np.random.RandomState(seed)
-    order = rng.permutation(len(patients))
-    folds = np.empty(len(patients), dtype=np.int64)
-    folds[order] = IterativeStratification(labels=y[order], r=r, random_state=rng)
-
-    if len(patients) >= 3:
-        # Tiny cohorts: the algorithm may leave a small split empty; move in the patient with the fewest
-        # positives from the largest split (least harm to the stratification).
-        for f in range(3):
-            if not np.any(folds == f):
-                donor = np.bincount(folds, minlength=3).argmax()
-                candidates = order[folds[order] == donor]
-                folds[candidates[np.argmin(y[candidates].sum(axis=1))]] = f
-
-    split_of = dict(zip(patients.tolist(), (SPLITS[f] for f in folds), strict=True))
-    return pd.Series([split_of[p] for p in cohort["patient"].tolist()], index=cohort.index, name="split",
-                     dtype="str")
-
-
-def class_table(cohort: pd.DataFrame, splits: pd.Series) -> pd.DataFrame:
-    """Table 1 of the paper: positive volumes per class, in total and per split.
-
-    Args:
-        cohort: DataFrame with the ``CLASSES`` columns.
-        splits: 'train'/'val'/'test' per volume, indexed like ``cohort`` (``split_patients``).
-
-    Returns:
-        int64 DataFrame, index ``CLASSES`` + ``Volumes`` (the split sizes), columns Total, Train, Val, Test.
-    """
-    if not splits.index.equals(cohort.index):
-        raise ValueError("splits must be indexed like the cohort (use split_patients(cohort))")
-    unknown = sorted(set(splits.tolist()) - set(SPLITS))
-    if unknown:
-        raise ValueError(f"unknown split name(s) {unknown}; expected {list(SPLITS)}")
-    labels = cohort[list(CLASSES)].to_numpy(dtype=np.int64)
-    s = splits.to_numpy(dtype=object)
-    columns = {"Total": np.ones(len(cohort), dtype=bool)}
-    columns.update({name.capitalize(): s == name for name in SPLITS})
-    table = {col: [*labels[mask].sum(axis=0).tolist(), int(mask.sum())] for col, mask in columns.items()}
-    return pd.DataFrame(table, index=pd.Index([*CLASSES, "Volumes"], name="Class"), dtype=np.int64)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["cosine_distances", "nearest_cases", "retrieval_report", "standardize", "tsne"]
+__all__ = ["nearest_cases", "retrieval_report", "standardize", "tsne"]
 
 _BLOCK = 512  # query rows handled at once: memory O(_BLOCK * N)
 
@@ -41,15 +41,6 @@ def _unit_rows(features: np.ndarray, standardized: bool) -> np.ndarray:
     x = standardize(features) if standardized else np.asarray(features, dtype=np.float64)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norm > 0, norm, 1.0)
-
-
-def cosine_distances(features: np.ndarray, *, standardized: bool = True) -> np.ndarray:
-    """Pairwise cosine distances 1 - cos(x_i, x_j): (N, D) -> (N, N) in [0, 2].
-
-    A zero vector (e.g. after standardising identical rows) is at distance 1 from everything.
-    """
-    u = _unit_rows(features, standardized)
-    return np.clip(1.0 - u @ u.T, 0.0, 2.0)
 
 
 def tsne(

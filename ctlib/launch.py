@@ -1,4 +1,4 @@
-"""Launching training runs from notebooks: ``torchrun`` as a subprocess, its log streamed.
+"""Launching training runs from notebooks: ``torchrun`` command lines, run as subprocesses, logs streamed.
 
 The notebooks never spawn workers themselves (STYLE.md): a cell builds the command with
 :func:`torchrun_command` and runs it with :func:`run_streaming`, which raises
@@ -15,50 +15,17 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ctlib.profiles import Profile, get_profile
-
-#: The paper's future-work variant as a Table 3 row: alpha learned, and the 2D weight beta learned too
-#: (``fused = beta * x_2d + alpha * residual_3d``, profile field ``learn_2d_weight``).
-LEARNED_2D = "learned-2d"
-
-# The runs of the paper: Table 2 (ResNet, ViT, ResNet+ViT with equal weights) and Table 3 (alpha),
-# plus the future-work variant.
-ALPHAS: tuple[float | str, ...] = (0.0, 0.1, 0.3, 0.5, 1.0, "learned", LEARNED_2D)
-
-
-def run_name(model: str, alpha: float | str | None = None) -> str:
-    """Folder name of a run: ``resnet2d``, ``vit3d``, ``fusion-alpha0.5``, ``fusion-learned``,
-    ``fusion-learned-2d``."""
-    if model != "fusion":
-        return model
-    if alpha in ("learned", LEARNED_2D):
-        return f"fusion-{alpha}"
-    return f"fusion-alpha{float(1.0 if alpha is None else alpha):g}"
-
-
-def table_run(model: str, alpha: float | str | None = None) -> tuple[str, float | str | None]:
-    """The run behind a table row: Table 3's fixed ``alpha = 0`` row is Table 2's ResNet run.
-
-    At a fixed alpha of 0 the fusion skips its 3D branch and is the ResNet: its head on the mean slice
-    feature equals the mean of the ResNet's slice logits (one linear layer), so it is the same network,
-    trained from the same start, and the paper reports it so (its Table 3 alpha = 0 row repeats Table 2's
-    ResNet row exactly: AUC 0.83, accuracy 0.83, precision 0.66, recall 0.34). Under the ``paper`` profile
-    the ResNet's slices are 214x214 where the fusion's are 224x224, as in the paper. Every other row is
-    itself.
-    """
-    if model == "fusion" and alpha is not None and not isinstance(alpha, str) and float(alpha) == 0.0:
-        return "resnet2d", None
-    return model, alpha
+from ctlib.prepare import prepare_profile
+from ctlib.runs import LEARNED_2D, PaperOutputs, RunSpec, run_is_complete, scored_every_volume, table_run
 
 
 def fusion_settings(alpha: float | str | None) -> tuple[float | str, dict[str, Any]]:
-    """A Table 3 row -> (the model's ``alpha``, profile overrides): :data:`LEARNED_2D` is alpha
+    """A Table 3 row -> (the model's ``alpha``, profile overrides): :data:`ctlib.runs.LEARNED_2D` is alpha
     ``"learned"`` with ``learn_2d_weight=true``; every other row is itself with no override."""
     if alpha == LEARNED_2D:
         return "learned", {"learn_2d_weight": True}
@@ -210,44 +177,6 @@ def run_concurrently(commands: dict[str, Sequence[str]], *, at_once: int, thread
         raise failures[0][1]
 
 
-def run_tag(profile: str, seed: int = 0) -> str:
-    """Folder tag of a profile's outputs: ``demo`` for seed 0, ``demo-seed1`` otherwise.
-
-    Runs go to ``runs/<tag>/<run_name>``, figures to ``figures/<tag>/``, tables to ``results/<tag>/``.
-    """
-    return profile if int(seed) == 0 else f"{profile}-seed{int(seed)}"
-
-
-@dataclass(frozen=True)
-class PaperOutputs:
-    """Where one profile's outputs go, as every notebook's parameters cell describes them."""
-
-    profile: Profile
-    seed: int
-    tag: str
-    runs: Path  # runs_dir/<tag>: one folder per training run
-    figures: Path  # figures_dir/<tag>
-    results: Path  # results_dir/<tag>: tables as CSV and Markdown
-
-    def run_dir(self, model: str, alpha: float | str | None = None) -> Path:
-        """The run folder of a table row (:func:`table_run`: alpha = 0 is the ResNet's)."""
-        return self.runs / run_name(*table_run(model, alpha))
-
-
-def paper_outputs(profile: str, *, data_root: str | Path | None = None, work_dir: str | Path = "../data",
-                  runs_dir: str | Path = "../runs", figures_dir: str | Path = "../figures",
-                  results_dir: str | Path = "../results", seed: int = 0) -> PaperOutputs:
-    """The resolved profile and output folders of a notebook run (folders are created)."""
-    prof = get_profile(profile, work_dir=str(Path(work_dir).resolve()),
-                       data_root=None if data_root is None else str(Path(data_root).resolve()), seed=int(seed))
-    tag = run_tag(profile, seed)
-    out = PaperOutputs(prof, int(seed), tag, Path(runs_dir).resolve() / tag, Path(figures_dir) / tag,
-                       Path(results_dir) / tag)
-    for folder in (out.figures, out.results):
-        folder.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def train_run(outputs: PaperOutputs, model: str, alpha: float | str | None = None, *,
               processes: int | None = None, redo: bool = False, launcher: str | None = None,
               every_volume: bool = True) -> Path:
@@ -262,7 +191,7 @@ def train_runs(outputs: PaperOutputs, runs: Sequence[tuple[str, float | str | No
     """Prepares the data in this process, then trains each ``(model, alpha)`` run with ``torchrun`` unless
     it is complete; returns the run folders in the order given.
 
-    Preparation is ``ctlib.cohort.prepare_profile``, the function behind ``python -m ctlib.cache``: it runs
+    Preparation is ``ctlib.prepare.prepare_profile``, the function behind ``python -m ctlib.prepare``: it runs
     here, before any process group exists, and the ranks then only read. A finished run with the same
     settings and split is reused unless ``redo``. ``launcher``: see :func:`torchrun_command` (a cluster
     prefix such as ``srun torchrun --nnodes 4 ...``; "" or None for one node). ``at_once``: how many runs
@@ -271,9 +200,6 @@ def train_runs(outputs: PaperOutputs, runs: Sequence[tuple[str, float | str | No
     ``every_volume``: True, False or the run names (e.g. ``["fusion-learned"]``) whose best checkpoint scores
     every volume (``features.npz`` for the latent space); the others score validation and test only.
     """
-    from ctlib.cohort import prepare_profile
-    from ctlib.train import RunSpec, run_is_complete, scored_every_volume
-
     prof = outputs.profile
     # The workers then find a ready cache (generation and preparation happen once, here).
     prepared = prepare_profile(prof)

@@ -10,11 +10,12 @@ and ``probs`` (N, 18) in [0, 1], columns in ``ctlib.data.CLASSES`` order.
   and the (clearly labelled) CT-CLIP protocol; optionally bootstrap AUROC intervals.
 - :func:`bootstrap_auroc`: percentile intervals that really resample (patients when given).
 - :func:`ctclip_protocol`: the upstream CT-CLIP scoring, for side-by-side comparison only.
-- :func:`predictions_frame` / :func:`read_predictions`: the ``predictions.csv`` format.
-- :func:`metrics_table`: Tables 2 and 3.
+- :func:`check_arrays`, :func:`has_both_labels`, :func:`bootstrap_counts`: the checks and the resampling
+  that :mod:`ctlib.comparison` shares with this module.
 
 Comparing two models on the same test patients (paired bootstrap differences) and macro AUROC per
-class group live in :mod:`ctlib.comparison`.
+class group live in :mod:`ctlib.comparison`; the ``predictions.csv`` format in :mod:`ctlib.runs`; tables in
+:mod:`ctlib.tables`.
 
 Accuracy is *label-wise* (the mean over classes of per-class accuracy, i.e. element-wise accuracy
 over the N x 18 matrix), never subset accuracy (all 18 labels of a volume right). The paper's
@@ -25,7 +26,6 @@ predicting few positives already gets most labels right, while exact 18-label ma
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,7 +43,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from ctlib.data import CLASSES, DataError
+from ctlib.data import CLASSES
 
 __all__ = [
     "CTCLIP_GRID",
@@ -51,13 +51,12 @@ __all__ = [
     "auroc_rank",
     "auroc_weighted",
     "bootstrap_auroc",
+    "bootstrap_counts",
+    "check_arrays",
     "choose_thresholds",
     "ctclip_protocol",
     "evaluate",
-    "metrics_table",
-    "predictions_frame",
-    "read_predictions",
-    "same_test_volumes",
+    "has_both_labels",
     "score",
 ]
 
@@ -76,10 +75,15 @@ CTCLIP_NOTE = (
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_arrays(
+def check_arrays(
     labels: Any, probs: Any, classes: Sequence[str], *, what: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``labels`` as int (N, C) and ``probs`` as float64 (N, C), or raise ValueError."""
+    """``labels`` as int64 (N, C) 0/1 and ``probs`` as float64 (N, C) in [0, 1], checked.
+
+    Raises:
+        ValueError: a wrong shape, no rows, a label not 0/1 or a probability outside [0, 1] (naming the row
+            and class; ``what`` says which arrays).
+    """
     where = f" ({what})" if what else ""
     y = np.asarray(labels)
     p = np.asarray(probs, dtype=np.float64)
@@ -123,7 +127,7 @@ def _thresholds_array(thresholds: Any, classes: Sequence[str]) -> np.ndarray:
     return t
 
 
-def _has_both(y: np.ndarray) -> np.ndarray:
+def has_both_labels(y: np.ndarray) -> np.ndarray:
     """(N, C) 0/1 -> (C,) bool: the class has at least one positive and one negative."""
     return (y.max(axis=0) == 1) & (y.min(axis=0) == 0)
 
@@ -157,10 +161,10 @@ def score(
         threshold), ``thresholds`` (class -> float) and ``n`` (volumes).
     """
     classes = tuple(classes)
-    y, p = _check_arrays(labels, probs, classes)
+    y, p = check_arrays(labels, probs, classes)
     t = _thresholds_array(thresholds, classes)
     pred = (p >= t[None, :]).astype(np.int64)
-    both = _has_both(y)
+    both = has_both_labels(y)
 
     # average=None: sklearn's per-class values of the multilabel matrix, one call per metric
     prec = precision_score(y, pred, average=None, zero_division=0)
@@ -221,8 +225,8 @@ def choose_thresholds(
     if method not in ("youden", "f1"):
         raise ValueError(f"method must be 'youden' or 'f1', got {method!r}")
     classes = tuple(classes)
-    y, p = _check_arrays(val_labels, val_probs, classes, what="validation")
-    both = _has_both(y)
+    y, p = check_arrays(val_labels, val_probs, classes, what="validation")
+    both = has_both_labels(y)
     out = np.full(len(classes), 0.5)
     for k in np.flatnonzero(both):
         if method == "youden":
@@ -310,7 +314,7 @@ def auroc_weighted(labels: Any, scores: Any, weights: Any) -> np.ndarray:
     return auc
 
 
-def _bootstrap_counts(rng: np.random.Generator, n_units: int, n_boot: int) -> np.ndarray:
+def bootstrap_counts(rng: np.random.Generator, n_units: int, n_boot: int) -> np.ndarray:
     """(n_boot, n_units) counts of how often each unit is drawn, n_units draws with replacement."""
     draws = rng.integers(0, n_units, size=(n_boot, n_units))
     flat = draws + (np.arange(n_boot) * n_units)[:, None]
@@ -349,7 +353,7 @@ def bootstrap_auroc(
         ``n_resamples`` (resamples that were not skipped). NaN where no AUROC exists.
     """
     classes = tuple(classes)
-    y, p = _check_arrays(labels, probs, classes)
+    y, p = check_arrays(labels, probs, classes)
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     if not 0.0 < ci < 1.0:
@@ -357,16 +361,16 @@ def bootstrap_auroc(
     n = y.shape[0]
     rng = np.random.default_rng(seed)
     if groups is None:
-        weights = _bootstrap_counts(rng, n, n_boot).astype(np.float64)
+        weights = bootstrap_counts(rng, n, n_boot).astype(np.float64)
     else:
         g = np.asarray(groups)
         if g.shape != (n,):
             raise ValueError(f"groups must have shape ({n},), one unit per volume, got {g.shape}")
         _, unit_of = np.unique(g, return_inverse=True)
-        unit_counts = _bootstrap_counts(rng, int(unit_of.max()) + 1, n_boot)
+        unit_counts = bootstrap_counts(rng, int(unit_of.max()) + 1, n_boot)
         weights = unit_counts[:, unit_of].astype(np.float64)  # every volume of a unit, as often
 
-    both = _has_both(y)
+    both = has_both_labels(y)
     boot = np.full((n_boot, len(classes)), np.nan)
     for k in np.flatnonzero(both):
         boot[:, k] = auroc_weighted(y[:, k], p[:, k], weights)
@@ -436,8 +440,8 @@ def ctclip_protocol(labels: Any, probs: Any, *, classes: Sequence[str] = CLASSES
         ``thresholds`` (class -> float) and ``n``.
     """
     classes = tuple(classes)
-    y, p = _check_arrays(labels, probs, classes)
-    both = _has_both(y)
+    y, p = check_arrays(labels, probs, classes)
+    both = has_both_labels(y)
     per_class: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(classes):
         yk = y[:, k]
@@ -523,125 +527,3 @@ def evaluate(
             test_labels, test_probs, groups, n_boot, seed=seed, classes=classes
         )
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# predictions.csv and tables
-# --------------------------------------------------------------------------------------------------
-
-
-def predictions_frame(
-    names: Sequence[str], labels: Any, probs: Any, classes: Sequence[str] = CLASSES
-) -> pd.DataFrame:
-    """The ``predictions.csv`` table: ``VolumeName``, every ``label:<class>``, every ``prob:<class>``.
-
-    Args:
-        names: (N,) volume names.
-        labels: (N, C) 0/1.
-        probs: (N, C) probabilities.
-        classes: class names (column order).
-
-    Returns:
-        DataFrame of N rows and 1 + 2C columns in that order.
-    """
-    classes = tuple(classes)
-    y, p = _check_arrays(labels, probs, classes)
-    names = [str(v) for v in names]
-    if len(names) != y.shape[0]:
-        raise ValueError(f"{len(names)} names for {y.shape[0]} rows of labels/probs")
-    data: dict[str, Any] = {"VolumeName": names}
-    data.update({f"label:{c}": y[:, k] for k, c in enumerate(classes)})
-    data.update({f"prob:{c}": p[:, k] for k, c in enumerate(classes)})
-    return pd.DataFrame(data)
-
-
-def read_predictions(
-    path_or_frame: str | os.PathLike[str] | pd.DataFrame, classes: Sequence[str] = CLASSES
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Read a ``predictions.csv`` (or its DataFrame) back into names, labels and probs.
-
-    Args:
-        path_or_frame: CSV path or a DataFrame as made by :func:`predictions_frame`.
-        classes: class names (column order of the returned arrays).
-
-    Returns:
-        (names: list of N str, labels: (N, C) int64, probs: (N, C) float64).
-
-    Raises:
-        DataError: naming the file and the missing column or the bad value.
-    """
-    classes = tuple(classes)
-    if isinstance(path_or_frame, pd.DataFrame):
-        frame, source = path_or_frame, "<predictions DataFrame>"
-    else:
-        source = os.fspath(path_or_frame)
-        try:
-            frame = pd.read_csv(source, dtype={"VolumeName": str})
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-            raise DataError(f"{source}: cannot read predictions CSV ({err})") from err
-    wanted = ["VolumeName", *(f"label:{c}" for c in classes), *(f"prob:{c}" for c in classes)]
-    missing = [col for col in wanted if col not in frame.columns]
-    if missing:
-        raise DataError(f"{source}: missing column {missing[0]!r} ({len(missing)} missing in all)")
-    names = frame["VolumeName"].astype(str).tolist()
-    try:
-        labels = frame[[f"label:{c}" for c in classes]].to_numpy(dtype=np.float64)
-        probs = frame[[f"prob:{c}" for c in classes]].to_numpy(dtype=np.float64)
-        labels, probs = _check_arrays(labels, probs, classes)
-    except ValueError as err:
-        raise DataError(f"{source}: {err}") from err
-    return names, labels, probs
-
-
-def metrics_table(
-    runs: Mapping[str, Mapping[str, Any]],
-    keys: Sequence[str] = ("auroc", "accuracy", "precision", "recall"),
-) -> pd.DataFrame:
-    """One row per run from :func:`score` dicts (Tables 2 and 3); full precision, round when shown.
-
-    Args:
-        runs: run name -> score dict, in the row order wanted.
-        keys: the metrics to tabulate, in column order.
-
-    Returns:
-        DataFrame indexed by run name (index name ``"run"``) with one float column per key.
-    """
-    rows = {}
-    for run, scores in runs.items():
-        missing = [k for k in keys if k not in scores]
-        if missing:
-            raise ValueError(f"run {run!r} lacks metrics {missing}")
-        rows[run] = [float(scores[k]) for k in keys]
-    frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(keys), dtype=np.float64)
-    frame.index.name = "run"
-    return frame
-
-
-def same_test_volumes(run_dirs: Mapping[str, Any]) -> list[str]:
-    """Check that runs were scored on identical test volumes (Table 2's models, Table 3's alphas).
-
-    Args:
-        run_dirs: label -> run folder holding ``predictions.csv`` (one row per test volume).
-
-    Returns:
-        The common test VolumeNames, sorted.
-
-    Raises:
-        ValueError: a run's test volumes differ from the first run's, naming the runs and up to 5 volumes each
-            way (a different cohort or split, e.g. runs made before the split file was fixed).
-    """
-    if not run_dirs:
-        raise ValueError("no runs to compare")
-    names = {}
-    for label, folder in run_dirs.items():
-        path = os.path.join(os.fspath(folder), "predictions.csv")
-        names[label] = set(pd.read_csv(path, usecols=["VolumeName"])["VolumeName"].astype(str))
-    first, ref = next(iter(names.items()))
-    problems = []
-    for label, got in names.items():
-        if got != ref:
-            problems.append(f"{label} ({len(got)} test volumes) vs {first} ({len(ref)}): only in {label}: "
-                            f"{sorted(got - ref)[:5]}, only in {first}: {sorted(ref - got)[:5]}")
-    if problems:
-        raise ValueError("runs were scored on different test volumes: " + "; ".join(problems))
-    return sorted(ref)

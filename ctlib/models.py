@@ -4,6 +4,8 @@ Every model takes a batch of preprocessed volumes ``x: (B, S, H, W)`` float in [
 HU / 1000 as made by the data layer) and returns logits ``(B, 18)``. Each has ``features(x) -> (B, D)``,
 its volume-level feature vector (the fusion head, t-SNE and retrieval use it), and
 ``forward(x, *, return_features=False)`` returning the logits or ``(logits, features)``.
+
+:func:`build_model` builds one of them from a profile (what training and ``load_run`` use).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models import ResNet18_Weights, resnet18
 
 from ctlib.data import CLASSES
+from ctlib.profiles import MODELS, Profile
 
 logger = logging.getLogger(__name__)
 
@@ -186,10 +189,6 @@ class ResNet2D(nn.Module):
         else:
             feats = torch.cat([self.backbone(c) for c in slices.split(self.slice_chunk)])
         return feats.view(b, s, self.feature_dim)
-
-    def slice_logits(self, x: Tensor) -> Tensor:
-        """Per-slice predictions: (B, S, H, W) -> (B, S, 18)."""
-        return self.fc(self._slice_features(x))
 
     def features(self, x: Tensor) -> Tensor:
         """Mean over slices of the pooled slice features: (B, S, H, W) -> (B, 512)."""
@@ -512,3 +511,72 @@ class Fusion(nn.Module):
         feats = self.features(x)
         logits = self.head(feats)
         return (logits, feats) if return_features else logits
+
+
+# --------------------------------------------------------------------------------------------------
+# The factory: a model from a profile
+# --------------------------------------------------------------------------------------------------
+
+
+def vit_kwargs(profile: Profile, model: str) -> dict[str, Any]:
+    """``ViT3D`` arguments of ``model``'s input under ``profile`` (square slices)."""
+    x, y, _ = profile.image_size(model)
+    if x != y:
+        raise ValueError(f"the ViT needs square slices, the profile gives {x}x{y}")
+    return dict(
+        image_size=x,
+        patch_size=profile.vit_patch_size,
+        max_slices=profile.num_slices,
+        dim=profile.vit_dim,
+        spatial_depth=profile.vit_spatial_depth,
+        slice_depth=profile.vit_slice_depth,
+        heads=profile.vit_heads,
+        dim_head=profile.vit_dim_head,
+        mlp_dim=profile.vit_mlp_dim,
+        dropout=profile.vit_dropout,
+        num_classes=len(CLASSES),
+        gradient_checkpointing=profile.gradient_checkpointing,
+    )
+
+
+def build_model(profile: Profile, model: str, alpha: float | str = 1.0, *, pretrained: bool = True) -> nn.Module:
+    """The paper's ``model`` for ``profile``. ``pretrained=False`` skips loading ResNet weights
+    (used when a checkpoint will overwrite them anyway)."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+    weights = profile.weights if pretrained else None
+    if model == "vit3d":
+        return ViT3D(**vit_kwargs(profile, model))
+    resnet = resnet2d_with_fallback(weights, allow_random=profile.allow_random_init)
+    if model == "resnet2d":
+        return resnet
+    return Fusion(resnet=resnet, vit=ViT3D(**vit_kwargs(profile, model)), alpha=alpha,
+                  alpha_init=profile.alpha_init, learn_2d_weight=profile.learn_2d_weight)
+
+
+def weights_used(model: nn.Module) -> str:
+    """Where the model's ResNet weights came from (a run's config and metrics say it)."""
+    if isinstance(model, ResNet2D):
+        return model.weights_used
+    if isinstance(model, Fusion):
+        return model.resnet.weights_used
+    return "random (ViT3D is trained from scratch)"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside ``torch.compile`` and DistributedDataParallel wrappers (for state dicts)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def alpha_beta(model: nn.Module) -> tuple[float, float]:
+    """The fusion's current alpha and beta (NaN, NaN for the other models); ``model`` may be wrapped."""
+    m = unwrap(model)
+    if isinstance(m, Fusion):
+        return m.alpha_value, m.beta_value
+    return float("nan"), float("nan")

@@ -96,12 +96,6 @@ def paper_table3() -> pd.DataFrame:
     return frame.set_index("alpha")
 
 
-# Module-level frames for convenience (copies are returned by the functions above).
-PAPER_TABLE1: pd.DataFrame = paper_table1()
-PAPER_TABLE2: pd.DataFrame = paper_table2()
-PAPER_TABLE3: pd.DataFrame = paper_table3()
-
-
 # ---------------------------------------------------------------------------------------------
 # our numbers beside the paper's
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +113,7 @@ def compare_table1(ours: pd.DataFrame) -> pd.DataFrame:
     """Our Table 1 beside the paper's, as shares so that cohorts of different sizes compare.
 
     Args:
-        ours: :func:`ctlib.data.class_table` output (index CLASSES + ``Volumes``; Total/Train/Val/Test).
+        ours: :func:`ctlib.split.class_table` output (index CLASSES + ``Volumes``; Total/Train/Val/Test).
 
     Returns:
         DataFrame indexed by class: ``ours`` (volumes positive), ``ours %`` (share of all positive

@@ -6,7 +6,7 @@ embedded synthetic dataset on a 2-core laptop; ``smoke`` a seconds-long CI run o
 
 Every field can be overridden from the command line (``--set epochs=3``) or in Python with
 ``dataclasses.replace``. Sizes follow ctlib's conventions: ``size_*`` are the (X, Y, Z) crop/pad target
-of :func:`ctlib.data.preprocess` and the models see ``(num_slices, Y, X)`` volumes.
+of :func:`ctlib.preprocess.preprocess` and the models see ``(num_slices, Y, X)`` volumes.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ctlib.comparison import compare_predictions, group_auroc, patients_of
-from ctlib.metrics import read_predictions
+from ctlib.runs import read_predictions
 
 
 def _md_cell(value: Any, floatfmt: str) -> str:
@@ -184,3 +184,27 @@ def save_table(df: pd.DataFrame, stem: str | Path, *, floatfmt: str = ".3f", ind
     df.to_csv(csv_path, index=index)
     to_markdown(df, md_path, floatfmt=floatfmt, index=index)
     return csv_path, md_path
+
+
+def metrics_table(
+    runs: Mapping[str, Mapping[str, Any]],
+    keys: Sequence[str] = ("auroc", "accuracy", "precision", "recall"),
+) -> pd.DataFrame:
+    """One row per run from :func:`score` dicts (Tables 2 and 3); full precision, round when shown.
+
+    Args:
+        runs: run name -> score dict, in the row order wanted.
+        keys: the metrics to tabulate, in column order.
+
+    Returns:
+        DataFrame indexed by run name (index name ``"run"``) with one float column per key.
+    """
+    rows = {}
+    for run, scores in runs.items():
+        missing = [k for k in keys if k not in scores]
+        if missing:
+            raise ValueError(f"run {run!r} lacks metrics {missing}")
+        rows[run] = [float(scores[k]) for k in keys]
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=list(keys), dtype=np.float64)
+    frame.index.name = "run"
+    return frame

@@ -6,9 +6,9 @@ validation loss, bf16 autocast on GPU. With ``bn_recalibration > 0`` the BatchNo
 ResNet are recomputed on that many training volumes before each validation (see
 :func:`recalibrate_batchnorm`). Rank 0 alone logs, draws progress bars and writes files.
 
-A run folder holds ``config.json``, ``history.csv``, ``splits.csv``, ``predictions.csv`` (test),
-``val_predictions.csv``, ``features.npz`` (volume-level features of every volume, for the latent-space
-figure; of the validation and test volumes only with ``--score eval``), ``metrics.json``,
+The run folder (:mod:`ctlib.runs`) holds ``config.json``, ``history.csv``, ``splits.csv``, ``predictions.csv``
+(test), ``val_predictions.csv``, ``features.npz`` (volume-level features of every volume, for the
+latent-space figure; of the validation and test volumes only with ``--score eval``), ``metrics.json``,
 ``per_class_auroc.csv`` and ``checkpoints/{last,best}.pt``. A killed run restarted with the same command
 resumes from its last completed epoch and ends as an uninterrupted run would; a finished run is not trained
 again unless ``--redo`` (one finished with ``--score eval`` and asked for every volume only has its best
@@ -17,25 +17,22 @@ checkpoint score every volume, with the same metrics).
 Example::
 
     python -m ctlib.train --profile smoke --model fusion --alpha learned --out runs/smoke/fusion
-    python -m ctlib.cache --profile paper --data-root /data/CT-RATE --workers 16   # once, before torchrun
+    python -m ctlib.prepare --profile paper --data-root /data/CT-RATE --workers 16   # once, before torchrun
     torchrun --nproc_per_node 4 -m ctlib.train --profile paper --model resnet2d \\
         --data-root /data/CT-RATE --out runs/paper/resnet2d
 
 A single process prepares what is missing on first use; under torchrun with more than one process a
-missing cache stops the run at once with the ``python -m ctlib.cache`` command that prepares it.
+missing cache stops the run at once with the ``python -m ctlib.prepare`` command that prepares it.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -43,166 +40,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from ctlib import atomic
 from ctlib import distributed as dist_utils
 from ctlib.cache import PreparedVolumes
-from ctlib.cohort import (  # noqa: F401  (ensure_dataset, prepare_data, preprocessing_for: notebooks' API)
-    CacheNotReady,
-    RunData,
-    ensure_dataset,
-    fixed_split,
-    load_run_data,
-    prepare_data,
-    prepare_profile,
-    preprocessing_for,
-    synthetic_root,
-)
 from ctlib.data import CLASSES
-from ctlib.metrics import bootstrap_auroc, evaluate, predictions_frame, score
-from ctlib.models import Fusion, ResNet2D, ViT3D, resnet2d_with_fallback
-from ctlib.multinode import NotShared, check_same_start, check_shared_folders
-from ctlib.profiles import MODELS, Profile, get_profile, load_profile, parse_overrides, save_profile, validate
+from ctlib.distributed import NotShared, check_same_start, check_shared_folders
+from ctlib.metrics import score
+from ctlib.models import alpha_beta, build_model, unwrap
+from ctlib.prepare import CacheNotReady, RunData, load_run_data, prepare_profile
+from ctlib.profiles import MODELS, Profile, get_profile, parse_overrides, validate
+from ctlib.runs import (
+    RunSpec,
+    run_is_complete,
+    scored_every_volume,
+    write_config,
+    write_history,
+    write_results,
+)
+from ctlib.split import SplitMismatch
 
 log = logging.getLogger("ctlib.train")
-LATER_FIELDS: dict[str, Any] = {"warmup_steps": 0, "compile": False}
-
-
-def make_splits(cohort: pd.DataFrame, profile: Profile) -> pd.Series:
-    """The snapshot's fixed split (``ctlib.cohort.fixed_split``), aligned with ``cohort`` (the full cohort)."""
-    return fixed_split(profile, cohort).splits
 
 
 # ---------------------------------------------------------------------------------------------
-# models
+# reading batches, scoring
 # ---------------------------------------------------------------------------------------------
-def vit_kwargs(profile: Profile, model: str) -> dict[str, Any]:
-    x, y, _ = profile.image_size(model)
-    if x != y:
-        raise ValueError(f"the ViT needs square slices, the profile gives {x}x{y}")
-    return dict(
-        image_size=x,
-        patch_size=profile.vit_patch_size,
-        max_slices=profile.num_slices,
-        dim=profile.vit_dim,
-        spatial_depth=profile.vit_spatial_depth,
-        slice_depth=profile.vit_slice_depth,
-        heads=profile.vit_heads,
-        dim_head=profile.vit_dim_head,
-        mlp_dim=profile.vit_mlp_dim,
-        dropout=profile.vit_dropout,
-        num_classes=len(CLASSES),
-        gradient_checkpointing=profile.gradient_checkpointing,
-    )
-
-
-def build_model(profile: Profile, model: str, alpha: float | str = 1.0, *, pretrained: bool = True) -> nn.Module:
-    """The paper's ``model`` for ``profile``. ``pretrained=False`` skips loading ResNet weights
-    (used when a checkpoint will overwrite them anyway)."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
-    weights = profile.weights if pretrained else None
-    if model == "vit3d":
-        return ViT3D(**vit_kwargs(profile, model))
-    resnet = resnet2d_with_fallback(weights, allow_random=profile.allow_random_init)
-    if model == "resnet2d":
-        return resnet
-    return Fusion(resnet=resnet, vit=ViT3D(**vit_kwargs(profile, model)), alpha=alpha,
-                  alpha_init=profile.alpha_init, learn_2d_weight=profile.learn_2d_weight)
-
-
-def weights_used(model: nn.Module) -> str:
-    if isinstance(model, ResNet2D):
-        return model.weights_used
-    if isinstance(model, Fusion):
-        return model.resnet.weights_used
-    return "random (ViT3D is trained from scratch)"
-
-
-# ---------------------------------------------------------------------------------------------
-# the loop
-# ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class RunSpec:
-    """What a run is: the profile, the model and alpha. Its hash guards resumption."""
-
-    profile: Profile
-    model: str
-    alpha: float | str = 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile.to_dict(), "model": self.model, "alpha": self.alpha}
-
-    def fingerprint(self, data_key: str = "") -> str:
-        """Hash of the settings and of the data (``ctlib.cohort.RunData.key``: split file and excluded
-        volumes): a run resumes only with both equal."""
-        d = self.to_dict()
-        # Where data and work files live, and how they are read, does not change the result; the rest does.
-        d["profile"] = {k: v for k, v in d["profile"].items() if k not in (
-            "work_dir", "num_workers", "prepare_workers", "extra", "dist_timeout_minutes", "max_failed_fraction")}
-        # Fields added later are left out at their defaults, so runs made before them keep their fingerprint.
-        for name, default in LATER_FIELDS.items():
-            if d["profile"].get(name, default) == default:
-                d["profile"].pop(name, None)
-        d["data_key"] = data_key
-        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def run_is_complete(run_dir: str | Path, spec: RunSpec, data_key: str | None = None) -> bool:
-    """True when ``run_dir`` holds a finished run of exactly ``spec`` (its metrics are written) on the data
-    ``data_key`` (``RunData.key``; default: the one in the run's config)."""
-    run_dir = Path(run_dir)
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    data_key = config.get("data_key", "") if data_key is None else data_key
-    return (run_dir / "metrics.json").exists() and config.get("fingerprint") == spec.fingerprint(data_key)
-
-
-def scored_every_volume(run_dir: str | Path) -> bool:
-    """True when the run's ``features.npz`` holds every volume of its ``splits.csv`` (a run finished with
-    ``--score eval`` holds the validation and test volumes only)."""
-    run_dir = Path(run_dir)
-    try:
-        with np.load(run_dir / "features.npz") as f:
-            scored = len(f["names"])
-        return scored == len(pd.read_csv(run_dir / "splits.csv"))
-    except (FileNotFoundError, KeyError, ValueError, OSError):
-        return False
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside ``torch.compile`` and DistributedDataParallel wrappers (for state dicts)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _loader(dataset: Any, *, batch_size: int, sampler: Any, device: torch.device, num_workers: int,
             persistent: bool = False, generator: torch.Generator | None = None) -> DataLoader:
     """The DataLoader of training, prediction and recalibration alike: ``num_workers`` reading processes and
@@ -220,13 +88,6 @@ def to_device(volumes: torch.Tensor, device: torch.device) -> torch.Tensor:
     float32 batch made on the host.
     """
     return volumes.to(device, non_blocking=True).float()
-
-
-def _alpha_beta(model: nn.Module) -> tuple[float, float]:
-    m = _unwrap(model)
-    if isinstance(m, Fusion):
-        return m.alpha_value, m.beta_value
-    return float("nan"), float("nan")
 
 
 @torch.no_grad()
@@ -250,7 +111,7 @@ def predict(model: nn.Module, dataset: PreparedVolumes | Subset, *, batch_size: 
         n = volumes.shape[0]
         volumes = to_device(volumes, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-            logits, feats = _unwrap(model)(volumes, return_features=True)
+            logits, feats = unwrap(model)(volumes, return_features=True)
         out_all.append(torch.cat([logits.float(), feats.float()], dim=1).cpu())
         lab_all.append(labels.float())
         idx_all.append(torch.as_tensor(positions[seen:seen + n], dtype=torch.long))
@@ -280,13 +141,13 @@ def recalibrate_batchnorm(model: nn.Module, dataset: PreparedVolumes | Subset, n
     Returns:
         The number of volumes used (0 when the model has no BatchNorm layer or ``n_volumes`` is 0).
     """
-    bns = [m for m in _unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or n_volumes <= 0:
         return 0
     was_training = model.training
     momenta = [bn.momentum for bn in bns]
     chosen = np.random.default_rng(seed).permutation(len(dataset))[:n_volumes]
-    _unwrap(model).eval()
+    unwrap(model).eval()
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all the batches below
@@ -296,7 +157,7 @@ def recalibrate_batchnorm(model: nn.Module, dataset: PreparedVolumes | Subset, n
                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     try:
         for batch in loader:  # in the chosen order, batch_size at a time; batch[0]: (B, S, H, W)
-            _unwrap(model)(to_device(batch[0], device))
+            unwrap(model)(to_device(batch[0], device))
     finally:
         for bn, momentum in zip(bns, momenta, strict=True):
             bn.momentum = momentum
@@ -310,6 +171,9 @@ def _bce(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(t)
 
 
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
 def run_data(profile: Profile, model: str, *, world: int, progress: bool = True) -> RunData:
     """Step 1, data, before any process group exists: the split and cache the run reads.
 
@@ -401,7 +265,7 @@ def build_training(spec: RunSpec, data: RunData, out: Path, device: torch.device
                 "or --redo to discard it")
         raise RuntimeError(f"{out} holds a run with other settings (fingerprint {saved['fingerprint']} != {fp}); "
                            "use another --out, or --redo to discard it")
-    _unwrap(model).load_state_dict(saved["model"])
+    unwrap(model).load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     state.history = list(saved["history"])
@@ -494,7 +358,7 @@ def validate_epoch(t: Training, parts: dict[str, Subset], epoch: int, *, profile
                   num_workers=profile.num_workers)
     val_loss = _bce(val["logits"], val["labels"])
     t.sched.step(val_loss)
-    alpha, beta = _alpha_beta(t.model)
+    alpha, beta = alpha_beta(t.model)
     return {"epoch": epoch + 1, "train_loss": math.nan, "val_loss": val_loss,
             "val_auroc": float(score(val["labels"], val["probs"])["auroc"]),
             "lr": t.opt.param_groups[0]["lr"], "alpha": alpha, "beta": beta, "seconds": 0.0}
@@ -509,34 +373,18 @@ def save_epoch(t: Training, row: dict[str, float], out: Path, fp: str, data_key:
     if not dist_utils.is_main():
         return
     ckpt_dir = out / "checkpoints"
-    state = _unwrap(t.model).state_dict()
+    state = unwrap(t.model).state_dict()
     if improved:
-        _atomic_torch_save({"model": state, "epoch": epoch, "fingerprint": fp}, ckpt_dir / "best.pt")
-    _atomic_torch_save({"model": state, "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
+        atomic.save_torch({"model": state, "epoch": epoch, "fingerprint": fp}, ckpt_dir / "best.pt")
+    atomic.save_torch({"model": state, "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
                         "epoch": epoch, "history": t.history, "best_val_loss": t.best_val,
                         **rng_state(t.device), "fingerprint": fp, "data_key": data_key},
                        ckpt_dir / "last.pt")
-    _write_history(out / "history.csv", t.history)
+    write_history(out / "history.csv", t.history)
     log.info("epoch %d/%d  train %.4f  val %.4f  val AUROC %.3f  lr %.2g%s  %.0fs", row["epoch"],
              epochs, row["train_loss"], row["val_loss"],
              row["val_auroc"], row["lr"], "" if math.isnan(row["alpha"]) else f"  alpha {row['alpha']:.3f}",
              row["seconds"])
-
-
-def _write_config(spec: RunSpec, data: RunData, out: Path, parts: dict[str, Subset], world: int,
-                  device: torch.device, model: nn.Module) -> None:
-    config = {**spec.to_dict(), "fingerprint": spec.fingerprint(data.key), "data_key": data.key, "world_size": world,
-              "device": str(device), "weights_used": weights_used(_unwrap(model)),
-              "data": _data_description(spec.profile), "cache_dir": str(data.cache_dir.resolve()),
-              "split_file": str(data.split_path.resolve()), "split_sha256": data.split_sha,
-              "excluded_volumes": data.excluded, "n_volumes": {s: len(p) for s, p in parts.items()}}
-    _atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
-    save_profile(spec.profile, out / "profile.json")
-    pd.DataFrame({"VolumeName": data.cohort["VolumeName"], "patient": data.cohort["patient"],
-                  "split": data.splits.to_numpy()}).to_csv(out / "splits.csv", index=False)
-    log.info("%s: %s on %d process(es) [%s], weights: %s, volumes train/val/test = %s (split %s)", out,
-             spec.model, world, device, config["weights_used"],
-             "/".join(str(len(parts[s])) for s in ("train", "val", "test")), data.split_path.name)
 
 
 def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool = True,
@@ -591,7 +439,7 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
         t = build_training(spec, data, out, device, world)
         check_same_start(t.start_epoch, out / "checkpoints" / "last.pt")  # every rank read the same last.pt
         if main:
-            _write_config(spec, data, out, parts, world, device, t.model)
+            write_config(spec, data, out, parts, world, device, t.model)
 
         per_rank = profile.batch_size // world
         sampler = DistributedSampler(parts["train"], num_replicas=world, rank=rank, shuffle=True,
@@ -622,7 +470,7 @@ def evaluate_best(spec: RunSpec, data: RunData, dataset: PreparedVolumes | Subse
     cohort's volumes or a ``Subset`` of them) once; rank 0 writes predictions, features and metrics and
     returns the metrics."""
     best = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
-    _unwrap(t.model).load_state_dict(best["model"])
+    unwrap(t.model).load_state_dict(best["model"])
     preds = predict(t.model, dataset, batch_size=spec.profile.eval_batch_size, device=device,
                     bf16=spec.profile.bf16 and device.type == "cuda", progress=progress, desc="final predictions",
                     num_workers=spec.profile.num_workers)
@@ -630,90 +478,8 @@ def evaluate_best(spec: RunSpec, data: RunData, dataset: PreparedVolumes | Subse
         preds["index"] = np.asarray(dataset.indices)[preds["index"]]
     if not dist_utils.is_main():
         return None
-    return _write_results(out, spec, data.cohort, data.splits, preds, best_epoch=int(best["epoch"]) + 1,
+    return write_results(out, spec, data.cohort, data.splits, preds, best_epoch=int(best["epoch"]) + 1,
                           history=t.history, model=t.model)
-
-
-def _data_description(profile: Profile) -> str:
-    if profile.data_root is None:
-        # The snapshot's name says how it was generated; where it lies is machine-specific.
-        return f"synthetic CT-RATE-format phantoms ({synthetic_root(profile).name})"
-    return f"CT-RATE snapshot at {profile.data_root}"
-
-
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, path)
-
-
-def _write_results(out: Path, spec: RunSpec, cohort: pd.DataFrame, splits: pd.Series,
-                   preds: dict[str, np.ndarray], *, best_epoch: int, history: list[dict[str, float]],
-                   model: nn.Module) -> dict[str, Any]:
-    names = cohort["VolumeName"].to_numpy()[preds["index"]]
-    split_of = splits.to_numpy()[preds["index"]]
-    patients = cohort["patient"].to_numpy()[preds["index"]]
-    sel = {s: split_of == s for s in ("val", "test")}
-    predictions_frame(names[sel["test"]], preds["labels"][sel["test"]], preds["probs"][sel["test"]]).to_csv(
-        out / "predictions.csv", index=False)
-    predictions_frame(names[sel["val"]], preds["labels"][sel["val"]], preds["probs"][sel["val"]]).to_csv(
-        out / "val_predictions.csv", index=False)
-    np.savez_compressed(out / "features.npz", names=names.astype(str), split=split_of.astype(str),
-                        patient=patients.astype(str), labels=preds["labels"], probs=preds["probs"],
-                        features=preds["features"])
-    t, v = sel["test"], sel["val"]
-    result = evaluate(preds["labels"][t], preds["probs"][t], preds["labels"][v], preds["probs"][v])
-    ci = bootstrap_auroc(preds["labels"][t], preds["probs"][t], groups=patients[t],
-                         n_boot=spec.profile.bootstrap, seed=spec.profile.seed)
-    ci.to_csv(out / "per_class_auroc.csv", index_label="class")
-    alpha, beta = _alpha_beta(model)
-    default = result["default"]
-    metrics = {
-        "model": spec.model,
-        "alpha": spec.alpha,
-        "alpha_final": None if math.isnan(alpha) else alpha,
-        "beta_final": None if math.isnan(beta) else beta,
-        "auroc": default["auroc"],
-        "accuracy": default["accuracy"],
-        "precision": default["precision"],
-        "recall": default["recall"],
-        "f1": default["f1"],
-        "per_class_auroc": default["per_class_auroc"],
-        "skipped_classes": default["skipped_classes"],
-        "auroc_ci": [float(ci.loc["macro", "low"]), float(ci.loc["macro", "high"])] if "macro" in ci.index
-        else None,
-        "val_tuned": {k: result["val_tuned"][k] for k in ("auroc", "accuracy", "precision", "recall", "f1")},
-        "ctclip": {k: v for k, v in result["ctclip"].items() if not isinstance(v, dict)},
-        "best_epoch": best_epoch,
-        "epochs": len(history),
-        "train_seconds": float(sum(h["seconds"] for h in history)),
-        "weights": weights_used(_unwrap(model)),
-        "data": _data_description(spec.profile),
-        "profile": spec.profile.name,
-        "n_test": int(t.sum()),
-        "n_val": int(v.sum()),
-    }
-    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float) + "\n")
-    log.info("%s test: AUROC %.3f  accuracy %.3f  precision %.3f  recall %.3f (best epoch %d)", out,
-             metrics["auroc"], metrics["accuracy"], metrics["precision"], metrics["recall"], best_epoch)
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------
-# reading runs back (notebooks)
-# ---------------------------------------------------------------------------------------------
-def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Profile, dict]:
-    """The best model of a finished run, its profile and its config (for figures and retrieval)."""
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    profile = load_profile(run_dir / "profile.json")
-    model = build_model(profile, config["model"], config["alpha"], pretrained=False)
-    state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), profile, config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(RunSpec(profile, args.model, alpha), args.out, redo=args.redo, progress=not args.no_progress,
               every_volume=args.score == "all")
-    except (CacheNotReady, NotShared, ValueError) as err:  # said plainly, without a traceback
+    except (CacheNotReady, SplitMismatch, NotShared, ValueError) as err:  # said plainly, without a traceback
         raise SystemExit(f"error: {err}") from None
     return 0
 

@@ -46,12 +46,13 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from ctlib import figures
+from ctlib import figures, tables
 from ctlib.cache import load_prepared
-from ctlib.data import CLASSES, class_table, load_cohort, read_hu
-from ctlib.launch import paper_outputs
+from ctlib.data import CLASSES, load_cohort, read_hu
 from ctlib.paper_numbers import compare_table1, paper_table1
-from ctlib.train import ensure_dataset, make_splits, prepare_data, preprocessing_for, synthetic_root
+from ctlib.prepare import ensure_dataset, prepare_data, preprocessing_for, profile_split, synthetic_root
+from ctlib.runs import paper_outputs
+from ctlib.split import class_table
 
 out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
                     figures_dir=figures_dir, results_dir=results_dir, seed=seed)
@@ -89,9 +90,9 @@ pd.Series({
 # handful of test positives, which is what makes their per-class AUROC noisy.
 
 # %%
-splits = make_splits(cohort, prof)
+splits = profile_split(prof, cohort).splits
 table1 = class_table(cohort, splits)
-figures.save_table(table1, res_dir / "table1")
+tables.save_table(table1, res_dir / "table1")
 table1
 
 # %% [markdown]
@@ -100,7 +101,7 @@ table1
 
 # %%
 table1_vs_paper = compare_table1(table1)
-figures.save_table(table1_vs_paper, res_dir / "table1_vs_paper", floatfmt=".1f")
+tables.save_table(table1_vs_paper, res_dir / "table1_vs_paper", floatfmt=".1f")
 display(table1_vs_paper.round(1))
 figures.plot_class_prevalence(table1, paper_table1(), ours_label=f"ours ({data_kind})",
                               path=fig_dir / "table1_class_distribution.png")
@@ -200,7 +201,7 @@ figures.plot_representative_slices(examples, normalized_range=prep.hu_range, col
 if prof.data_root is None:
     from ctlib.synthetic import signature_table
 
-    display(Markdown(figures.to_markdown(signature_table())))
+    display(Markdown(tables.to_markdown(signature_table())))
 else:
     print("CT-RATE: labels were extracted from the radiology reports; no drawn signatures.")
 

@@ -46,9 +46,10 @@ import json
 import pandas as pd
 from IPython.display import display
 
-from ctlib import figures
-from ctlib.launch import paper_outputs, run_name, train_runs
-from ctlib.train import prepare_data
+from ctlib import figures, tables
+from ctlib.launch import train_runs
+from ctlib.prepare import prepare_data
+from ctlib.runs import paper_outputs, run_name
 
 MODEL, ALPHA, LABEL = "fusion", 1.0, "ResNet+ViT"
 out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
@@ -107,8 +108,8 @@ figures.plot_learning_curves({LABEL: history}, path=fig_dir / f"learning_curves_
 
 # %%
 metrics = json.loads((run_dir / "metrics.json").read_text())
-summary = figures.run_summary(metrics)
-figures.save_table(summary, res_dir / f"metrics_{MODEL}")
+summary = tables.run_summary(metrics)
+tables.save_table(summary, res_dir / f"metrics_{MODEL}")
 print(f"data: {metrics['data']}\ntest volumes: {metrics['n_test']}, best epoch {metrics['best_epoch']} "
       f"of {metrics['epochs']}, weights: {metrics['weights']}, training time {metrics['train_seconds']:.0f} s")
 summary.round(3)

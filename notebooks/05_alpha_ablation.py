@@ -51,9 +51,10 @@ from IPython.display import display
 
 from ctlib import figures, tables
 from ctlib.comparison import class_groups_for
-from ctlib.launch import ALPHAS, LEARNED_2D, paper_outputs, run_name, train_runs
-from ctlib.metrics import metrics_table
+from ctlib.launch import train_runs
 from ctlib.paper_numbers import compare_metrics, paper_table3
+from ctlib.runs import ALPHAS, LEARNED_2D, paper_outputs, run_name
+from ctlib.tables import metrics_table
 
 out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
                     figures_dir=figures_dir, results_dir=results_dir, seed=seed)
@@ -92,7 +93,7 @@ metrics = {alpha_label[a]: json.loads((out.run_dir("fusion", a) / "metrics.json"
            for a in ALPHAS}
 table3 = metrics_table(metrics, keys=("auroc", "accuracy", "precision", "recall", "f1"))
 table3.index.name = "alpha"
-figures.save_table(table3, res_dir / "table3")
+tables.save_table(table3, res_dir / "table3")
 print(f"data: {metrics['1.0']['data']}; test volumes: {metrics['1.0']['n_test']}")
 table3.round(3)
 
@@ -100,7 +101,7 @@ table3.round(3)
 table3_tuned = metrics_table({a: m["val_tuned"] for a, m in metrics.items()},
                              keys=("auroc", "accuracy", "precision", "recall", "f1"))
 table3_tuned.index.name = "alpha"
-figures.save_table(table3_tuned, res_dir / "table3_val_tuned")
+tables.save_table(table3_tuned, res_dir / "table3_val_tuned")
 table3_tuned.round(3)
 
 # %% [markdown]
@@ -108,7 +109,7 @@ table3_tuned.round(3)
 
 # %%
 table3_vs_paper = compare_metrics(table3, paper_table3())
-figures.save_table(table3_vs_paper, res_dir / "table3_vs_paper")
+tables.save_table(table3_vs_paper, res_dir / "table3_vs_paper")
 display(table3_vs_paper.round(3))
 figures.plot_metrics_vs_alpha(table3, paper_table3(), path=fig_dir / "table3_metrics_vs_alpha.png")
 
@@ -165,7 +166,7 @@ base = out.run_dir("fusion", 0.0)
 table3_paired = tables.paired_table(
     {f"alpha {alpha_label[a]} - alpha 0.0": (out.run_dir("fusion", a), base) for a in ALPHAS if a != 0.0},
     groups, n_boot=prof.bootstrap, seed=prof.seed)
-figures.save_table(table3_paired, res_dir / "table3_paired")
+tables.save_table(table3_paired, res_dir / "table3_paired")
 table3_paired.round(3)
 
 # %% [markdown]
@@ -174,7 +175,7 @@ table3_paired.round(3)
 # %%
 table3_groups = tables.group_table({alpha_label[a]: out.run_dir("fusion", a) for a in ALPHAS}, groups,
                                    n_boot=prof.bootstrap, seed=prof.seed)
-figures.save_table(table3_groups, res_dir / "table3_groups")
+tables.save_table(table3_groups, res_dir / "table3_groups")
 table3_groups.round(3)
 
 # %% [markdown]

@@ -45,8 +45,6 @@ from IPython.display import Markdown, display
 
 from ctlib import figures, tables
 from ctlib.comparison import class_groups_for
-from ctlib.launch import ALPHAS, paper_outputs
-from ctlib.metrics import same_test_volumes
 from ctlib.paper_numbers import (
     PUBLISHED_CTRATE_NOTE,
     compare_metrics,
@@ -54,6 +52,7 @@ from ctlib.paper_numbers import (
     published_comparison,
     results_table2,
 )
+from ctlib.runs import ALPHAS, paper_outputs, same_test_volumes
 
 out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
                     figures_dir=figures_dir, results_dir=results_dir, seed=seed)
@@ -97,13 +96,13 @@ figures.plot_pipeline(num_slices=prof.num_slices, image_size=prof.size_3d[0], pa
 
 # %%
 table2 = results_table2(runs)
-figures.save_table(table2, res_dir / "table2")
+tables.save_table(table2, res_dir / "table2")
 table2.round(3)
 
 # %%
 ours_05 = table2.xs("0.5", level="threshold")[["auroc", "accuracy", "precision", "recall"]]
 table2_vs_paper = compare_metrics(ours_05, paper_table2())
-figures.save_table(table2_vs_paper, res_dir / "table2_vs_paper")
+tables.save_table(table2_vs_paper, res_dir / "table2_vs_paper")
 display(table2_vs_paper.round(3))
 figures.plot_metric_comparison(ours_05, paper_table2(),
                                title="Table 2: ours (bars) and the paper's (black ticks), threshold 0.5",
@@ -126,7 +125,7 @@ table2_paired = tables.paired_table(
      "ResNet+ViT - ViT": (run_dirs["ResNet+ViT"], run_dirs["ViT"]),
      "ViT - ResNet": (run_dirs["ViT"], run_dirs["ResNet"])},
     groups, n_boot=prof.bootstrap, seed=prof.seed)
-figures.save_table(table2_paired, res_dir / "table2_paired")
+tables.save_table(table2_paired, res_dir / "table2_paired")
 table2_paired.round(3)
 
 # %% [markdown]
@@ -134,7 +133,7 @@ table2_paired.round(3)
 
 # %%
 table2_groups = tables.group_table(run_dirs, groups, n_boot=prof.bootstrap, seed=prof.seed)
-figures.save_table(table2_groups, res_dir / "table2_groups")
+tables.save_table(table2_groups, res_dir / "table2_groups")
 table2_groups.round(3)
 
 # %% [markdown]
@@ -152,7 +151,7 @@ figures.plot_per_class_auroc(per_class, path=fig_dir / "fig3_per_class_auroc.png
 # %%
 per_class_table = pd.DataFrame({label: f["auroc"] for label, f in per_class.items()})
 per_class_table["n_pos (test)"] = per_class["ResNet"]["n_pos"]
-figures.save_table(per_class_table, res_dir / "per_class_auroc")
+tables.save_table(per_class_table, res_dir / "per_class_auroc")
 per_class_table.round(3)
 
 # %% [markdown]
@@ -165,7 +164,7 @@ above_chance = pd.DataFrame(
     [{"model": label, "macro AUROC": float(per_class[label]["auroc"].get("macro", f["auroc"].mean())),
       "classes with a 95% interval above 0.5": int((f["low"] > 0.5).sum()),
       "classes scored": int(f["low"].notna().sum())} for label, f in classes_only.items()]).set_index("model")
-figures.save_table(above_chance, res_dir / "classes_above_chance")
+tables.save_table(above_chance, res_dir / "classes_above_chance")
 above_chance
 
 # %% [markdown]
@@ -185,6 +184,6 @@ for alpha in ALPHAS:
         m = json.loads(path.read_text())
         ours[f"ours: ResNet+ViT, alpha {alpha}"] = (m["auroc"], f"{m['data']}; {m['n_test']} test volumes")
 comparison = published_comparison(ours)
-figures.save_table(comparison, res_dir / "results_vs_published")
+tables.save_table(comparison, res_dir / "results_vs_published")
 print(f"published CT-RATE numbers: {PUBLISHED_CTRATE_NOTE}")
 comparison.round(3)

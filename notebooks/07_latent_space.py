@@ -47,10 +47,10 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from ctlib import figures, latent
+from ctlib import figures, latent, tables
 from ctlib.cache import load_prepared
 from ctlib.data import CLASSES
-from ctlib.launch import paper_outputs
+from ctlib.runs import paper_outputs
 
 out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
                     figures_dir=figures_dir, results_dir=results_dir, seed=seed)
@@ -99,7 +99,7 @@ database = np.flatnonzero(split != "test")
 k = int(min(5, len(database) - 1))
 report = latent.retrieval_report(features, labels, k=k, groups=patient, query=query, database=database,
                                  n_permutations=1000, seed=seed)
-figures.save_table(report.drop(columns="description"), res_dir / "retrieval")
+tables.save_table(report.drop(columns="description"), res_dir / "retrieval")
 print(f"{report.attrs['n_queries']} test queries, {report.attrs['n_database']} database volumes, k = {k}")
 display(report[["description"]])
 report.drop(columns="description").round(3)
@@ -152,5 +152,5 @@ per_class_retrieval = pd.DataFrame(rows, columns=["class", "positive queries", "
 per_class_retrieval = per_class_retrieval.set_index("class")
 prevalence = per_class_retrieval["prevalence"]
 per_class_retrieval["lift"] = (per_class_retrieval["precision@k"] / prevalence).where(prevalence > 0)
-figures.save_table(per_class_retrieval, res_dir / "retrieval_per_class")
+tables.save_table(per_class_retrieval, res_dir / "retrieval_per_class")
 per_class_retrieval.round(3)

@@ -57,11 +57,12 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from ctlib import attention, figures, localisation
+from ctlib import attention, figures, localisation, tables
 from ctlib.cache import load_prepared
 from ctlib.data import CLASSES, load_cohort
-from ctlib.launch import paper_outputs
-from ctlib.train import load_run, preprocessing_for, synthetic_root
+from ctlib.prepare import preprocessing_for, synthetic_root
+from ctlib.runs import load_run, paper_outputs
+from ctlib.synthetic import lesion_masks_for_model
 
 out = paper_outputs(profile, data_root=data_root, work_dir=work_dir, runs_dir=runs_dir,
                     figures_dir=figures_dir, results_dir=results_dir, seed=seed)
@@ -148,7 +149,7 @@ figures.plot_attention_overlays(cases, normalized_range=tuple(run_profile.hu_ran
 # %%
 focus = pd.DataFrame(stats, columns=["class", "volume", "split", "probability", "ViT attention top-5% share",
                                      "Grad-CAM top-5% share"]).set_index("class")
-figures.save_table(focus, res_dir / "attention_concentration")
+tables.save_table(focus, res_dir / "attention_concentration")
 focus.round(3)
 
 # %% [markdown]
@@ -163,14 +164,8 @@ focus.round(3)
 # CT-RATE has no lesion truth: there the table is skipped.
 
 # %%
-try:
-    from ctlib.synthetic import lesion_masks_for_model
-except ImportError:
-    lesion_masks_for_model = None
 if run_profile.data_root is not None:
     print("CT-RATE data: no lesion truth, so the maps are not scored")
-elif lesion_masks_for_model is None:
-    print("lesion truth unavailable (ctlib.synthetic has no lesion_masks_for_model): scoring skipped")
 else:
     snapshot = synthetic_root(run_profile)
     cohort = load_cohort(snapshot).set_index("VolumeName")
@@ -205,9 +200,9 @@ else:
                   f"{label} is not scored")
     scores = pd.concat([localisation.score_maps(cases_for(model_name, run_cache), methods, model=label)
                         for label, (model_name, _net, run_cache, methods) in scorers.items()], ignore_index=True)
-    figures.save_table(scores.set_index(["volume", "class", "model", "method"]), res_dir / "localisation_scores")
+    tables.save_table(scores.set_index(["volume", "class", "model", "method"]), res_dir / "localisation_scores")
     localisation_by_class = localisation.localisation_table(scores)
-    figures.save_table(localisation_by_class, res_dir / "localisation")
+    tables.save_table(localisation_by_class, res_dir / "localisation")
     for cls, table in localisation_by_class.groupby(level="class", sort=False):
         display(Markdown(f"**{cls}**"))
         display(table.droplevel("class").round(3))

@@ -12,7 +12,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 @pytest.fixture(scope="session")
 def smoke_work_dir(tmp_path_factory):
     """A work dir holding the smoke profile's synthetic snapshot and prepared cache."""
-    from ctlib.cohort import prepare_profile
+    from ctlib.prepare import prepare_profile
     from ctlib.profiles import get_profile
 
     work = tmp_path_factory.mktemp("smoke-work")

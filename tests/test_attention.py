@@ -16,9 +16,7 @@ from ctlib.attention import (
     find_block,
     gradcam_resnet,
     gradient_rollout,
-    marginal_rollout,
     normalise_residual,
-    received_attention,
     rollout,
     salient_slices,
     vit_attention,
@@ -50,7 +48,7 @@ def test_rollout_equals_a_hand_computation():
     # batched leading dims, and received attention sums to 1
     batched = torch.tensor(np.stack([att, att]))
     assert rollout(batched).shape == (2, 3, 3)
-    rec = received_attention(batched)
+    rec = rollout(batched).mean(dim=-2)  # the attention each token receives, averaged over queries
     np.testing.assert_allclose(rec.sum(dim=-1).numpy(), 1.0, rtol=1e-6)
     np.testing.assert_allclose(rec[0].numpy(), expected.mean(axis=0), rtol=1e-6)
     with pytest.raises(ValueError):
@@ -243,6 +241,13 @@ def test_exact_rollout_equals_brute_force_on_a_tiny_vit():
     up = F.interpolate(torch.tensor(brute, dtype=torch.float32).reshape(s, 1, 4, 4), size=(16, 16),
                        mode="bilinear", align_corners=False)[:, 0].numpy()
     np.testing.assert_allclose(vit_attention(vit, x, normalize="sum"), up / up.sum(), rtol=1e-4, atol=1e-8)
+
+
+def marginal_rollout(spatial: torch.Tensor, across: torch.Tensor) -> torch.Tensor:
+    """The product of the two marginals, ``mean_n' spatial[s][n', n] * mean_q across[n][q, s]`` normalised:
+    the approximation compose_rollout must not be (it takes the slice attention at the wrong position)."""
+    out = spatial.float().mean(dim=-2) * across.float().mean(dim=-2).T
+    return out / out.sum().clamp_min(1e-30)
 
 
 def test_marginal_product_differs_on_sharp_attention():

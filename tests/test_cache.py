@@ -1,4 +1,4 @@
-"""ctlib.cache: settings key, prepare (atomic, resumable, failure-tolerant), CLI."""
+"""ctlib.cache and ctlib.preprocess.Preprocessing: settings key, prepare (atomic, resumable, failure-tolerant), CLI."""
 
 from __future__ import annotations
 
@@ -17,18 +17,12 @@ import torch
 from ctrate_fixtures import Vol, label_vector, phantom_hu, write_snapshot
 
 import ctlib.cache as cache_mod
-from ctlib.cache import (
-    PREPROCESSING_VERSION,
-    PreparedVolumes,
-    Preprocessing,
-    cache_dir,
-    load_prepared,
-    load_settings,
-    main,
-    prepare,
-    prepared_path,
-)
-from ctlib.data import CLASSES, DataError, load_cohort, preprocess, read_hu, volume_relpath
+import ctlib.preprocess as preprocess_mod
+from ctlib import atomic
+from ctlib.cache import PreparedVolumes, cache_dir, load_prepared, load_settings, prepare, prepared_path
+from ctlib.data import CLASSES, DataError, load_cohort, read_hu, volume_relpath
+from ctlib.prepare import main
+from ctlib.preprocess import PREPROCESSING_VERSION, Preprocessing, preprocess
 
 PREP = Preprocessing(size=(16, 18, 12), num_slices=6)
 
@@ -102,7 +96,7 @@ def test_prepare_writes_entries_and_skips_on_rerun(snapshot: Path, tmp_path: Pat
 def test_key_carries_the_preprocessing_version(monkeypatch: pytest.MonkeyPatch) -> None:
     """Changed preprocessing code (a bumped version) never finds the old files."""
     old = PREP.key
-    monkeypatch.setattr(cache_mod, "PREPROCESSING_VERSION", 3)
+    monkeypatch.setattr(preprocess_mod, "PREPROCESSING_VERSION", 3)
     assert PREP.key != old and PREP.key.startswith("v3-") and old.startswith("v2-")
 
 
@@ -128,7 +122,7 @@ def test_prepare_resumes_after_kill(snapshot: Path, tmp_path: Path, monkeypatch:
     partial = _entries(out)  # every entry present loads completely
     assert len(partial) == 2 and not list(out.glob(".*.tmp"))
     # a SIGKILLed worker leaves its temp file behind: simulate one (its pid is gone)
-    stale = out / f".{cohort['VolumeName'][4].removesuffix('.nii.gz')}.npy.{cache_mod._HOST}.{2**22 + 12345}.tmp"
+    stale = out / f".{cohort['VolumeName'][4].removesuffix('.nii.gz')}.npy.{atomic.HOST}.{2**22 + 12345}.tmp"
     stale.write_bytes(b"half a volume")
     monkeypatch.setattr(cache_mod, "_write_npy", real_write)
 
@@ -146,7 +140,7 @@ def test_prepare_keeps_live_temp_files(tmp_path: Path) -> None:
     """Only this host's temps of dead pids, and other hosts' day-old temps, are stale."""
     out = tmp_path / "c"
     out.mkdir()
-    host = cache_mod._HOST
+    host = atomic.HOST
     live = out / f".x.npy.{host}.{os.getppid()}.tmp"  # a process that is alive (our parent)
     dead = out / f".y.npy.{host}.{2**22 + 7}.tmp"
     other = "another-node-7" if host != "another-node-7" else "another-node-8"
@@ -282,7 +276,7 @@ def test_cli(snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 
 
 def test_cli_module_help() -> None:
-    done = subprocess.run([sys.executable, "-m", "ctlib.cache", "--help"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "ctlib.prepare", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "--data-root" in done.stdout
 
@@ -318,5 +312,5 @@ def test_prepared_volumes(snapshot: Path, tmp_path: Path) -> None:
 
     missing = cohort.copy()
     missing.loc[0, "VolumeName"] = "train_77_a_1.nii.gz"
-    with pytest.raises(FileNotFoundError, match="train_77_a_1.nii.gz.*python -m ctlib.cache"):
+    with pytest.raises(FileNotFoundError, match="train_77_a_1.nii.gz.*python -m ctlib.prepare"):
         PreparedVolumes(cache_dir(tmp_path / "cache", prep), missing)

@@ -10,6 +10,7 @@ import pytest
 
 import ctlib.comparison as K
 import ctlib.metrics as M
+import ctlib.runs as R
 from ctlib.data import CLASSES
 
 C = len(CLASSES)
@@ -114,7 +115,7 @@ def test_bad_groups_are_named(data):
 
 
 def _frame(names, y, p):
-    return M.predictions_frame(names, y, p)
+    return R.predictions_frame(names, y, p)
 
 
 def test_compare_predictions_checks_the_volumes(data):
@@ -161,12 +162,7 @@ def test_group_and_paired_tables_from_run_folders(data, tmp_path):
 
 
 def test_class_groups_for(monkeypatch, capsys):
-    import ctlib.synthetic as synthetic
-
     assert K.class_groups_for("/some/ct-rate") is None
     assert "CT-RATE" in capsys.readouterr().out
-    monkeypatch.delattr(synthetic, "class_groups", raising=False)
-    assert K.class_groups_for(None) is None
-    assert "no class_groups()" in capsys.readouterr().out
-    monkeypatch.setattr(synthetic, "class_groups", lambda: {"2D": CLASSES[:3], "3D": CLASSES[3:]}, raising=False)
+    monkeypatch.setattr(K, "class_groups", lambda: {"2D": CLASSES[:3], "3D": CLASSES[3:]})
     assert K.class_groups_for(None) == {"2D": list(CLASSES[:3]), "3D": list(CLASSES[3:])}

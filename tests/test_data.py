@@ -28,13 +28,12 @@ from ctlib.data import (
     LABELS_CSV,
     METADATA_CSV,
     DataError,
-    class_table,
     load_cohort,
     parse_volume_name,
-    preprocess,
     read_hu,
-    split_patients,
 )
+from ctlib.preprocess import preprocess
+from ctlib.split import class_table, split_patients
 
 COHORT_COLUMNS = ["VolumeName", "path", "patient", "scan", "reconstruction", "source_split", "hu_ready",
                   "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing", *CLASSES]

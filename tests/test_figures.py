@@ -14,10 +14,9 @@ import pytest
 from matplotlib.figure import Figure
 
 from ctlib import figures as F
-from ctlib.cache import Preprocessing
+from ctlib import tables as T
 from ctlib.data import CLASSES
 from ctlib.paper_numbers import (
-    PAPER_TABLE1,
     PUBLISHED_CTRATE_AUROC,
     compare_metrics,
     compare_table1,
@@ -27,6 +26,7 @@ from ctlib.paper_numbers import (
     published_comparison,
     results_table2,
 )
+from ctlib.preprocess import Preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -359,11 +359,11 @@ def test_to_markdown_is_exact(tmp_path):
         "| ResNet | ✓ | 0.831 | 3 |\n"
         "| a\\|b |  | n/a | 12 |\n"
     )
-    assert F.to_markdown(df) == expected
-    assert F.to_markdown(df, tmp_path / "t.md", floatfmt=".2f").splitlines()[2] == "| ResNet | ✓ | 0.83 | 3 |"
+    assert T.to_markdown(df) == expected
+    assert T.to_markdown(df, tmp_path / "t.md", floatfmt=".2f").splitlines()[2] == "| ResNet | ✓ | 0.83 | 3 |"
     assert (tmp_path / "t.md").read_text().endswith("| a\\|b |  | n/a | 12 |\n")
-    assert F.to_markdown(pd.DataFrame({"x": [1.5]}), index=False) == "| x |\n|---:|\n| 1.500 |\n"
-    csv, md = F.save_table(df, tmp_path / "sub" / "table2")
+    assert T.to_markdown(pd.DataFrame({"x": [1.5]}), index=False) == "| x |\n|---:|\n| 1.500 |\n"
+    csv, md = T.save_table(df, tmp_path / "sub" / "table2")
     assert csv.name == "table2.csv" and md.name == "table2.md"
     back = pd.read_csv(csv, index_col=0)
     assert back.loc["ResNet", "AUC"] == pytest.approx(0.8312)  # CSV keeps full precision
@@ -377,7 +377,7 @@ _METRICS_JSON = {
 
 
 def test_run_summary_rows():
-    t = F.run_summary(_METRICS_JSON)
+    t = T.run_summary(_METRICS_JSON)
     assert list(t.index) == ["threshold 0.5", "thresholds tuned on validation", "CT-CLIP protocol (fitted on test)"]
     assert list(t.columns) == ["auroc", "auroc_low", "auroc_high", "accuracy", "precision", "recall", "f1",
                                "f1_weighted (CT-CLIP)"]
@@ -418,7 +418,7 @@ def test_tables_beside_the_paper():
 
 
 def test_paper_numbers_are_consistent():
-    t1 = PAPER_TABLE1
+    t1 = paper_table1()
     assert list(t1.index) == list(CLASSES)
     assert (t1["Train"] + t1["Val"] + t1["Test"] == t1["Total"]).all()
     assert t1.loc["Lung nodule", "Total"] == 1393 and t1.loc["Interlobular septal thickening", "Test"] == 31
@@ -433,8 +433,8 @@ def test_paper_numbers_are_consistent():
     assert t3.loc["1.0"].tolist() == t2.loc["ResNet+ViT", ["auroc", "accuracy", "precision", "recall"]].tolist()
     assert PUBLISHED_CTRATE_AUROC["CT-CLIP zero-shot"] == 0.731 and len(PUBLISHED_CTRATE_AUROC) == 6
     copy = paper_table1()
-    copy.loc["Lung nodule", "Total"] = 0  # a copy: the constant is untouched
-    assert PAPER_TABLE1.loc["Lung nodule", "Total"] == 1393
+    copy.loc["Lung nodule", "Total"] = 0  # a copy: the numbers are untouched
+    assert paper_table1().loc["Lung nodule", "Total"] == 1393
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,20 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import ctlib.cohort
 import ctlib.launch as launch
-import ctlib.train
-from ctlib.launch import (
-    LEARNED_2D,
-    concurrent_runs,
-    paper_outputs,
-    run_concurrently,
-    run_name,
-    run_streaming,
-    table_run,
-    train_run,
-    train_runs,
-)
+from ctlib.launch import concurrent_runs, run_concurrently, run_streaming, train_run, train_runs
+from ctlib.runs import LEARNED_2D, paper_outputs, run_name, table_run
 
 # ---------------------------------------------------------------------------------------------
 # table rows -> runs
@@ -194,7 +183,7 @@ class _Fake:
         self.specs: dict[str, object] = {}
         self.streamed: list[tuple[list[str], dict]] = []
         self.concurrent: list[tuple[dict[str, list[str]], dict]] = []
-        monkeypatch.setattr(ctlib.cohort, "prepare_profile",
+        monkeypatch.setattr(launch, "prepare_profile",
                             lambda prof: SimpleNamespace(key="KEY", summary=lambda: "prepared"))
 
         def run_is_complete(run_dir, spec, key):
@@ -202,8 +191,8 @@ class _Fake:
             self.specs[run_dir.name] = spec
             return run_dir.name in self.complete
 
-        monkeypatch.setattr(ctlib.train, "run_is_complete", run_is_complete)
-        monkeypatch.setattr(ctlib.train, "scored_every_volume", lambda run_dir: run_dir.name not in self.eval_only)
+        monkeypatch.setattr(launch, "run_is_complete", run_is_complete)
+        monkeypatch.setattr(launch, "scored_every_volume", lambda run_dir: run_dir.name not in self.eval_only)
         monkeypatch.setattr(launch, "run_streaming", lambda cmd, **kw: self.streamed.append((list(cmd), kw)))
         monkeypatch.setattr(launch, "run_concurrently",
                             lambda cmds, **kw: self.concurrent.append(({k: list(v) for k, v in cmds.items()}, kw)))

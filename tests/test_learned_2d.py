@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ctlib.launch import ALPHAS, LEARNED_2D, fusion_settings, run_name, torchrun_command
-from ctlib.models import Fusion
+from ctlib.launch import fusion_settings, torchrun_command
+from ctlib.models import Fusion, build_model
 from ctlib.profiles import get_profile
-from ctlib.train import RunSpec, build_model, build_parser, load_run, train
+from ctlib.runs import ALPHAS, LEARNED_2D, RunSpec, load_run, run_name
+from ctlib.train import build_parser, train
 
 
 def test_launch_reaches_the_variant():

@@ -15,6 +15,8 @@ from sklearn.metrics import (
 )
 
 import ctlib.metrics as M
+import ctlib.runs as R
+import ctlib.tables as T
 from ctlib.data import CLASSES, DataError
 
 C = len(CLASSES)
@@ -342,42 +344,42 @@ def test_ctclip_protocol_matches_a_direct_grid_search(preds):
 def test_predictions_round_trip_and_column_order(preds, tmp_path):
     y, p = preds
     names = [f"valid_{i}_a_1.nii.gz" for i in range(len(y))]
-    frame = M.predictions_frame(names, y, p)
+    frame = R.predictions_frame(names, y, p)
     expected_cols = ["VolumeName", *(f"label:{c}" for c in CLASSES), *(f"prob:{c}" for c in CLASSES)]
     assert list(frame.columns) == expected_cols
     path = tmp_path / "predictions.csv"
     frame.to_csv(path, index=False)
-    n2, y2, p2 = M.read_predictions(path)
+    n2, y2, p2 = R.read_predictions(path)
     assert n2 == names
     np.testing.assert_array_equal(y2, y)
     np.testing.assert_array_equal(p2, p)
-    n3, y3, p3 = M.read_predictions(frame)
+    n3, y3, p3 = R.read_predictions(frame)
     assert n3 == names and (y3 == y).all() and (p3 == p).all()
 
 
 def test_read_predictions_names_the_file_and_column(preds, tmp_path):
     y, p = preds
-    frame = M.predictions_frame([f"v{i}" for i in range(len(y))], y, p)
+    frame = R.predictions_frame([f"v{i}" for i in range(len(y))], y, p)
     path = tmp_path / "broken.csv"
     frame.drop(columns=[f"prob:{CLASSES[4]}"]).to_csv(path, index=False)
     with pytest.raises(DataError, match=rf"broken.csv.*prob:{CLASSES[4]}"):
-        M.read_predictions(path)
+        R.read_predictions(path)
     bad = frame.copy()
     bad.loc[2, f"label:{CLASSES[0]}"] = 3
     bad.to_csv(path, index=False)
     with pytest.raises(DataError, match="broken.csv.*0/1"):
-        M.read_predictions(path)
+        R.read_predictions(path)
     with pytest.raises(DataError, match="missing.csv"):
-        M.read_predictions(tmp_path / "missing.csv")
+        R.read_predictions(tmp_path / "missing.csv")
 
 
 def test_metrics_table_keeps_full_precision(preds):
     y, p = preds
     runs = {"ResNet": M.score(y, p), "ViT": M.score(y, p, 0.3)}
-    t = M.metrics_table(runs)
+    t = T.metrics_table(runs)
     assert list(t.index) == ["ResNet", "ViT"] and t.index.name == "run"
     assert list(t.columns) == ["auroc", "accuracy", "precision", "recall"]
     assert t.loc["ViT", "recall"] == runs["ViT"]["recall"]  # exactly, not rounded
-    assert M.metrics_table(runs, keys=("f1",)).loc["ResNet", "f1"] == runs["ResNet"]["f1"]
+    assert T.metrics_table(runs, keys=("f1",)).loc["ResNet", "f1"] == runs["ResNet"]["f1"]
     with pytest.raises(ValueError, match="ResNet.*nope"):
-        M.metrics_table(runs, keys=("nope",))
+        T.metrics_table(runs, keys=("nope",))

@@ -19,12 +19,11 @@ import torch
 import torch.multiprocessing as mp
 
 from ctlib import distributed as D
-from ctlib.cohort import cache_root_for, preprocessings
-from ctlib.cohort import main as cache_main
+from ctlib.distributed import NotShared, check_same_start, check_shared_folders
 from ctlib.launch import torchrun_command
-from ctlib.multinode import NotShared, check_same_start, check_shared_folders
+from ctlib.prepare import cache_root_for, parse_shard, preprocessings, shard_of, shard_rows
+from ctlib.prepare import main as prepare_main
 from ctlib.profiles import get_profile
-from ctlib.shards import parse_shard, shard_of, shard_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,11 +189,11 @@ def test_union_of_shards_equals_an_unsharded_preparation_byte_for_byte(smoke_wor
     data_root = next((smoke_work_dir / "synthetic").iterdir())
     args = ["--profile", "smoke", "--data-root", str(data_root), "--workers", "1", "--no-progress"]
     plain_work, shard_work = tmp_path / "plain", tmp_path / "sharded"
-    assert cache_main([*args, "--work-dir", str(plain_work)]) == 0
+    assert prepare_main([*args, "--work-dir", str(plain_work)]) == 0
     capsys.readouterr()
     n = 3
     for k in range(n):
-        assert cache_main([*args, "--work-dir", str(shard_work), "--shard", f"{k}/{n}"]) == 0
+        assert prepare_main([*args, "--work-dir", str(shard_work), "--shard", f"{k}/{n}"]) == 0
     out = capsys.readouterr().out
     prof = get_profile("smoke", data_root=str(data_root), work_dir=str(shard_work))
     croot = cache_root_for(prof)
@@ -205,7 +204,7 @@ def test_union_of_shards_equals_an_unsharded_preparation_byte_for_byte(smoke_wor
     n_cohort = int(shard_lines[0][4])
     assert len(shard_lines) == n and sum(int(w[2]) for w in shard_lines) == n_cohort > 0  # disjoint, covering
 
-    assert cache_main([*args, "--work-dir", str(shard_work)]) == 0  # the plain run after all shards...
+    assert prepare_main([*args, "--work-dir", str(shard_work)]) == 0  # the plain run after all shards...
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith("total: 0 prepared,") and " 0 failed" in last  # ...finds nothing to do
     for p in croot.rglob("failures-shard-*"):

@@ -22,11 +22,22 @@ import torch
 from ctrate_fixtures import Vol, write_snapshot
 
 import ctlib.cache as cache_mod
+import ctlib.preprocess as preprocess_mod
 from ctlib.cache import CacheError, PreparationError, PreparedVolumes, check_entry, prepare, prepared_path
-from ctlib.cohort import CacheNotReady, data_key, fixed_split, load_run_data, prepare_command, prepare_profile
 from ctlib.data import CLASSES, load_cohort, volume_relpath
-from ctlib.metrics import same_test_volumes
+from ctlib.prepare import (
+    CacheNotReady,
+    data_key,
+    load_run_data,
+    prepare_command,
+    prepare_profile,
+    profile_split,
+)
+from ctlib.prepare import main as prepare_main
+from ctlib.preprocess import Preprocessing
 from ctlib.profiles import get_profile
+from ctlib.runs import same_test_volumes
+from ctlib.split import SplitMismatch
 
 REPO = Path(__file__).resolve().parents[1]
 # Reduced sizes for CPU: the fixture's 24x20x12 volumes, a tiny ViT, one short epoch.
@@ -71,7 +82,7 @@ def _readme_commands() -> list[str]:
     section = text[text.index("## Reproducing the paper on CT-RATE with GPUs"):]
     section = section[:section.index("\n## ", 5)]
     lines = re.sub(r"\\\n\s*", " ", section).splitlines()
-    return [ln.strip() for ln in lines if ln.strip().startswith(("python -m ctlib.cache", "torchrun"))]
+    return [ln.strip() for ln in lines if ln.strip().startswith(("python -m ctlib.prepare", "torchrun"))]
 
 
 @pytest.mark.slow
@@ -118,7 +129,8 @@ def test_readme_ctrate_steps_then_training_decodes_nothing(tmp_path: Path) -> No
 def test_training_reads_the_cache_without_decoding(snapshot: Path, tmp_path: Path, monkeypatch) -> None:
     """In process: after prepare_profile, a whole training run calls ctlib.data.read_hu zero times."""
     from ctlib import data
-    from ctlib.train import RunSpec, train
+    from ctlib.runs import RunSpec
+    from ctlib.train import train
 
     profile = _profile(snapshot, tmp_path / "w", epochs=1)
     prepare_profile(profile, progress=False)
@@ -174,7 +186,7 @@ def test_truncated_and_zeroed_entries_are_named_and_remade(snapshot: Path, tmp_p
 
 def test_non_finite_values_are_never_written(snapshot: Path, tmp_path: Path, monkeypatch) -> None:
     cohort = load_cohort(snapshot)
-    real = cache_mod.preprocess
+    real = preprocess_mod.preprocess
 
     calls: list[int] = []
 
@@ -185,8 +197,8 @@ def test_non_finite_values_are_never_written(snapshot: Path, tmp_path: Path, mon
             out[0, 0, 0] = np.nan
         return out
 
-    monkeypatch.setattr(cache_mod, "preprocess", nan_for_one)
-    prep = cache_mod.Preprocessing(size=(16, 18, 12), num_slices=6)
+    monkeypatch.setattr(preprocess_mod, "preprocess", nan_for_one)
+    prep = Preprocessing(size=(16, 18, 12), num_slices=6)
     report = prepare(cohort, tmp_path / "c", prep, workers=1, progress=False)
     (bad,) = report.failed
     assert "non-finite" in report.failed[bad] and not prepared_path(report.cache_dir, bad).exists()
@@ -204,7 +216,7 @@ def test_crashed_worker_pool_stops_at_once_with_the_cause(snapshot: Path, tmp_pa
     tasks = load_cohort(snapshot).to_dict("records")
     recorded: list[tuple[str, str | None]] = []
     with pytest.raises(PreparationError, match="died abruptly.*fewer --workers"):
-        cache_mod._run_pool(tasks, tmp_path, cache_mod.Preprocessing(), 2, lambda *r: recorded.append(r),
+        cache_mod._run_pool(tasks, tmp_path, Preprocessing(), 2, lambda *r: recorded.append(r),
                             tqdm(disable=True), work=die_on_second)
     # pending volumes are not marked failed: nothing was recorded as an error
     assert all(err is None for _, err in recorded) and len(recorded) < len(tasks)
@@ -212,11 +224,11 @@ def test_crashed_worker_pool_stops_at_once_with_the_cause(snapshot: Path, tmp_pa
 
 @pytest.mark.slow
 def test_prepare_killed_midway_then_rerun(snapshot: Path, tmp_path: Path) -> None:
-    """SIGKILL of `python -m ctlib.cache` once a few entries exist; the rerun ends byte-identical."""
+    """SIGKILL of `python -m ctlib.prepare` once a few entries exist; the rerun ends byte-identical."""
     reference = prepare_profile(_profile(snapshot, tmp_path / "ref"), progress=False)
     ref_entries = _entries(reference.reports[0].cache_dir)
     work = tmp_path / "w"
-    cmd = [sys.executable, "-m", "ctlib.cache", "--profile", "smoke", "--data-root", str(snapshot), "--work-dir",
+    cmd = [sys.executable, "-m", "ctlib.prepare", "--profile", "smoke", "--data-root", str(snapshot), "--work-dir",
            str(work), "--workers", "1", "--no-progress", *[a for s in PREP_SETS for a in ("--set", s)]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -251,7 +263,7 @@ def test_unreadable_source_is_excluded_and_moves_no_other_patient(snapshot: Path
     sets = [a for s in PREP_SETS for a in ("--set", s)]
     argv = ["--profile", "smoke", "--data-root", str(broken_snap), "--work-dir", str(tmp_path / "b"),
             "--workers", "1", "--no-progress", *sets]
-    assert cache_mod.main(argv) == 1
+    assert prepare_main(argv) == 1
     err = capsys.readouterr().err
     assert "max_failed_fraction=0.01" in err and name in err and str(bad) in err
 
@@ -268,19 +280,19 @@ def test_unreadable_source_is_excluded_and_moves_no_other_patient(snapshot: Path
 def test_changed_cohort_is_refused(tmp_path: Path) -> None:
     snap = _snapshot(tmp_path / "CT-RATE", n_patients=8)
     profile = _profile(snap, tmp_path / "w")
-    first = fixed_split(profile)
-    assert fixed_split(profile).sha == first.sha  # read back, not remade
+    first = profile_split(profile)
+    assert profile_split(profile).sha == first.sha  # read back, not remade
     # a run's data key changes with the split file and with the excluded volumes
     assert len({data_key(first.sha, []), data_key(first.sha, ["train_1_a_1.nii.gz"]), data_key("0" * 64, [])}) == 3
     (snap / "dataset" / volume_relpath("train_3_a_1.nii.gz")).unlink()  # a volume gone from disk
-    with pytest.raises(CacheNotReady, match="not the one .* was made from"):
-        fixed_split(profile)
+    with pytest.raises(SplitMismatch, match="not the one .* was made from"):
+        profile_split(profile)
 
 
 def test_prepare_command_reproduces_the_profile(snapshot: Path, tmp_path: Path) -> None:
     profile = _profile(snapshot, tmp_path / "w")
     cmd = prepare_command(profile)
-    assert cmd.startswith(f"python -m ctlib.cache --profile smoke --data-root {snapshot} --work-dir ")
+    assert cmd.startswith(f"python -m ctlib.prepare --profile smoke --data-root {snapshot} --work-dir ")
     assert "'size_2d=[16, 18, 12]'" in cmd and "epochs" not in cmd
 
 

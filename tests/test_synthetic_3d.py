@@ -14,6 +14,7 @@ from scipy import ndimage, stats
 
 from ctlib import synthetic
 from ctlib.data import CLASSES
+from ctlib.synthetic.scanner import _phantom
 
 SHAPE, SPACING = (64, 64, 24), (5.5, 5.5, 10.0)  # the demo's resolution (its 56x56 crop lies inside)
 CENTRE = slice(4, 20)  # the demo's centre 16 slices
@@ -22,7 +23,7 @@ N = 24  # volumes per arm
 
 @cache
 def _volume(cls: str, positive: bool, seed: int):
-    return synthetic._phantom({cls: int(positive)}, seed=seed, shape=SHAPE, spacing=SPACING)
+    return _phantom({cls: int(positive)}, seed=seed, shape=SHAPE, spacing=SPACING)
 
 
 def _slice_blobs(hu2: np.ndarray, region: np.ndarray, lo: float, surround: float) -> list[tuple[float, float]]:

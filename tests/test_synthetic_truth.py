@@ -11,8 +11,9 @@ import pytest
 from scipy import ndimage
 
 from ctlib import synthetic
-from ctlib.cache import Preprocessing
 from ctlib.data import CLASSES, LABELS_CSV, load_cohort, read_hu, volume_relpath
+from ctlib.preprocess import Preprocessing
+from ctlib.synthetic.scanner import _phantom
 from ctlib.synthetic.truth import LESION_COLUMNS, _save_mask
 
 SHAPE = (64, 64, 24)
@@ -89,8 +90,8 @@ def test_mask_lies_where_the_signature_changed_the_volume(cls):
     """(2D classes; a 3D class's lesion sits where a negative has a vessel of the same HU: see
     test_synthetic.py, test_lung_nodule_is_a_sphere_below_a_cut_vessel.)"""
     kw = dict(seed=2, shape=(128, 128, 48), spacing=(2.75, 2.75, 5.0))
-    off = synthetic._phantom({}, **kw)
-    on = synthetic._phantom({cls: 1}, **kw)
+    off = _phantom({}, **kw)
+    on = _phantom({cls: 1}, **kw)
     k = CLASSES.index(cls)
     m = (on.truth.mask() >> k) & 1 == 1
     assert m.any() and not (off.truth.mask() != 0).any()

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from ctlib.data import CLASSES
-from ctlib.launch import run_name, run_tag, torchrun_command
+from ctlib.launch import torchrun_command
 from ctlib.profiles import get_profile, load_profile, parse_overrides
-from ctlib.train import RunSpec, load_run, main, parse_alpha, scored_every_volume, train
+from ctlib.runs import RunSpec, load_run, run_name, run_tag, scored_every_volume
+from ctlib.train import main, parse_alpha, train
 
 
 def _params(path):
@@ -126,7 +127,7 @@ def test_two_process_gloo_step_equals_one_process(smoke_work_dir, tmp_path):
         torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5, msg=k)
     # ...and the step really changed the weights (the comparison is not of two untouched models).
     torch.manual_seed(0)
-    from ctlib.train import build_model
+    from ctlib.models import build_model
 
     init = build_model(get_profile("smoke"), "vit3d").state_dict()
     assert any(not torch.equal(init[k], one[k]) for k in one)
@@ -240,7 +241,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoints(smoke_profil
         return loss * float("nan") if calls["n"] == steps_per_epoch + 2 else loss
 
     # steps per epoch on this cohort: training volumes / batch size, rounded up
-    from ctlib.cohort import load_run_data
+    from ctlib.prepare import load_run_data
 
     n_train = int((load_run_data(profile, "vit3d").splits == "train").sum())
     steps_per_epoch = -(-n_train // profile.batch_size)
@@ -278,7 +279,7 @@ def test_settings_that_cannot_work_are_rejected_before_any_work(tmp_path, monkey
 
 
 def test_resume_on_another_split_is_refused(smoke_profile, tmp_path):
-    from ctlib.cohort import split_file
+    from ctlib.prepare import profile_split_file
 
     profile = dataclasses.replace(smoke_profile, epochs=2, work_dir=str(tmp_path / "w"))
     shutil.copytree(smoke_profile.work_dir, profile.work_dir)
@@ -293,7 +294,7 @@ def test_resume_on_another_split_is_refused(smoke_profile, tmp_path):
     with pytest.raises(Killed):
         train(spec, tmp_path / "run", after_epoch=kill, progress=False)
     # the split file changes under the run (one patient moved from train to test)
-    path = split_file(profile)
+    path = profile_split_file(profile)
     table = pd.read_csv(path)
     moved = table.index[table["split"] == "train"][0]
     table.loc[table["patient"] == table.loc[moved, "patient"], "split"] = "test"

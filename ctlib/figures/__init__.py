@@ -20,8 +20,11 @@ One module per family of plots:
 - :mod:`ctlib.figures.attention`: Figure 5 (:func:`plot_attention_overlays`).
 - :mod:`ctlib.figures.cohort`: label co-occurrence, HU histograms, class prevalence against Table 1.
 
-Tables live in :mod:`ctlib.tables` (:func:`save_table`, :func:`to_markdown`, :func:`run_summary`);
-they are re-exported here so that ``figures.save_table`` keeps working.
+Tables live in :mod:`ctlib.tables` (:func:`~ctlib.tables.save_table`, :func:`~ctlib.tables.to_markdown`,
+:func:`~ctlib.tables.run_summary`).
+
+Underscore names are package-private: the modules of ``ctlib.figures`` share them (``style``'s helpers),
+nothing outside the package imports them.
 """
 
 from ctlib.figures.attention import AttentionCase, plot_attention_overlays
@@ -54,7 +57,6 @@ from ctlib.figures.style import (
     short_name,
     window,
 )
-from ctlib.tables import run_summary, save_table, to_markdown
 
 __all__ = [
     "LUNG_WINDOW",
@@ -82,11 +84,8 @@ __all__ = [
     "plot_slice_montage",
     "plot_tsne",
     "refine_examples",
-    "run_summary",
     "save_figure",
-    "save_table",
     "short_name",
     "slice_viewer",
-    "to_markdown",
     "window",
 ]

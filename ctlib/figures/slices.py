@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ctlib.cache import Preprocessing
 from ctlib.data import CLASSES
 from ctlib.figures.style import (
     _finish,
@@ -20,6 +19,7 @@ from ctlib.figures.style import (
     _new_figure,
     _wrap,
 )
+from ctlib.preprocess import Preprocessing
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def window(
         image: any shape; Hounsfield units, or model input in [-1, 1] when ``normalized_range`` is given.
         center: window centre in HU.
         width: window width in HU (> 0).
-        normalized_range: the ``hu_range`` of :func:`ctlib.data.preprocess` (e.g. ``(-1000, 1000)``),
+        normalized_range: the ``hu_range`` of :func:`ctlib.preprocess.preprocess` (e.g. ``(-1000, 1000)``),
             which divided HU by ``max(|low|, |high|)``: the input is multiplied back to HU first.
             None: the input is in HU.
 

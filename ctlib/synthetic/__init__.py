@@ -17,16 +17,16 @@ context by construction. Array axes are (X, Y, Z): patient right -> left, anteri
 caudal -> cranial.
 
 Modules follow the phantom: ``anatomy``, ``signatures`` and ``lesions``, ``chest`` and ``render``,
-``scanner``, ``plan``, ``reports``, ``writer``, ``truth``, ``card``.
+``scanner``, ``plan``, ``reports``, ``writer``, ``truth``, ``card``. Underscore names are package-private:
+the modules of ``ctlib.synthetic`` share them (geometry and anatomy helpers, the plan, the truth record),
+nothing outside the package imports them (its tests read them from the module that defines them).
 Run ``python -m ctlib.synthetic --help`` for the command line.
 """
 
-from ctlib.synthetic.anatomy import _cavity_depth, _heart
-from ctlib.synthetic.plan import PREVALENCE, _draw_labels, _plan
-from ctlib.synthetic.scanner import _phantom
+from ctlib.synthetic.plan import PREVALENCE
 from ctlib.synthetic.signatures import SIGNATURES, Signature, class_groups, signature_table
 from ctlib.synthetic.truth import lesion_masks, lesion_masks_for_model, lesion_table
-from ctlib.synthetic.writer import _write_volume, generate, main
+from ctlib.synthetic.writer import generate, main
 
 __all__ = [
     "SIGNATURES",
@@ -40,5 +40,3 @@ __all__ = [
     "lesion_masks",
     "lesion_masks_for_model",
 ]
-# private names kept importable from the package for tests and notebooks
-_PRIVATE = (_cavity_depth, _heart, _draw_labels, _plan, _phantom, _write_volume)

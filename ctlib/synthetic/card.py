@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ctlib.data import CLASSES, to_model_frame
+from ctlib.data import CLASSES
+from ctlib.preprocess import to_model_frame
+from ctlib.profiles import PROFILES
 from ctlib.synthetic.scanner import _phantom
 from ctlib.synthetic.signatures import SIGNATURES
 
@@ -79,8 +81,6 @@ def measure(profile, seeds: Sequence[int] = (0, 1, 2)) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the size table of each profile as markdown."""
-    from ctlib.profiles import PROFILES
-
     parser = argparse.ArgumentParser(prog="python -m ctlib.synthetic.card", description=__doc__.split("\n")[0])
     parser.add_argument("--profiles", nargs="+", default=["demo", "smoke"], choices=sorted(PROFILES))
     parser.add_argument("--seeds", type=int, default=3, help="patients per class")

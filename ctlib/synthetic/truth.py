@@ -19,15 +19,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from ctlib.data import CLASSES
-
-if TYPE_CHECKING:
-    from ctlib.cache import Preprocessing
+from ctlib.preprocess import Preprocessing, to_model_frame
 
 TRUTH_DIR = "truth"
 LESIONS_CSV = "truth/lesions.csv"
@@ -167,17 +164,15 @@ def lesion_masks(root: str | Path, volume_name: str) -> np.ndarray:
 def lesion_masks_for_model(
     root: str | Path, volume_name: str, prep: Preprocessing, spacing: Sequence[float] | None = None
 ) -> np.ndarray:
-    """Bool ``(18, S, H, W)`` masks in the model-input frame of ``prep`` (a :class:`ctlib.cache.Preprocessing`).
+    """Bool ``(18, S, H, W)`` masks in the model-input frame of ``prep`` (a :class:`ctlib.preprocess.Preprocessing`).
 
-    Each class mask goes through the same spatial code as the volume (:func:`ctlib.data.to_model_frame`:
+    Each class mask goes through the same spatial code as the volume (:func:`ctlib.preprocess.to_model_frame`:
     trilinear resampling from ``spacing`` to ``prep.target_spacing``, centre crop/pad, centre slices,
     (X, Y, Z) -> (Z, Y, X)) as a 0/1 float volume, and is kept where it is at least 0.5.
 
     Args:
         spacing: (sx, sy, sz) mm of the stored volume; required when ``prep.target_spacing`` is set.
     """
-    from ctlib.data import to_model_frame
-
     masks = lesion_masks(root, volume_name)
     out = np.zeros((len(CLASSES), *prep.shape), bool)
     for k in range(len(CLASSES)):

@@ -244,7 +244,9 @@ def oom_message(profile, model: str, per_gpu_batch: int, *, device_bytes: int, d
     head = (f"CUDA out of memory training {model} at {per_gpu_batch} volume(s) per GPU on {device_name or 'the GPU'} "
             f"({device_bytes / GIB:.1f} GiB): {est.line()}.\n  Fix: ")
     if fit >= 1:
+        # the even split that takes at most `fit` volumes a micro-step (8 on one GPU at most 7: 2 x 4)
         steps = math.ceil(profile.batch_size / (world * fit))
+        fit = math.ceil(profile.batch_size / (world * steps))
         return head + (f"--set per_gpu_batch={fit} (gradient accumulation over {steps} micro-step(s) keeps the "
                        f"global batch of {profile.batch_size})"
                        + ("" if profile.gradient_checkpointing else ", or --set gradient_checkpointing=true") + ".")

@@ -62,5 +62,7 @@ def test_oom_message_names_the_per_gpu_batch_that_fits():
     assert 1 <= fit < 8
     msg = oom_message(prof, "fusion", 8, device_bytes=dev, device_name="NVIDIA H100 80GB HBM3")
     assert f"--set per_gpu_batch={fit}" in msg and "global batch of 8" in msg and "gradient_checkpointing=true" in msg
+    a100 = oom_message(get_profile("paper"), "fusion", 8, device_bytes=int(39.4 * GIB))
+    assert "--set per_gpu_batch=4 (gradient accumulation over 2 micro-step(s)" in a100  # fits 7: 2 x 4 is even
     tiny = oom_message(prof, "fusion", 1, device_bytes=GIB)
     assert "--set gradient_checkpointing=true --set per_gpu_batch=1" in tiny

@@ -201,6 +201,8 @@ BENCHMARK = re.compile(r"^#\s*benchmark, by hand\b")
 # command pattern (a full match) -> (file, text it must hold): the test, or CI script, that runs that command
 TESTED = {
     r"bash run_all\.sh --tests": (".ci/run", "exec bash run_all.sh --tests"),
+    r"bash run_all\.sh --print-install --torch-cuda \d+\.\d+": (
+        "tests/test_gpu.py", "def test_run_all_installs_torch_for_another_cuda_then_the_lock"),
     r"bash run_all\.sh --lab( --port \d+)?": ("tests/test_lab_browser.py",
                                               "def test_notebook_01_runs_in_lab_and_its_slice_viewer_responds"),
     r"bash run_all\.sh": ("tests/test_notebooks.py", "def test_every_notebook_runs_on_smoke"),  # smoke profile
@@ -218,7 +220,7 @@ TESTED = {
     r"python benchmarks/bench_models\.py": ("tests/test_models.py",
                                             "def test_benchmark_measures_a_tiny_configuration"),
     r"bash benchmarks/gpu_check\.sh --device cpu --quick": (
-        "tests/test_gpu_check.py", "def test_gpu_check_writes_one_report_with_every_section"),
+        "tests/test_gpu_check.py", "def test_gpu_check_cpu_mode_writes_one_report_with_every_section"),
 }
 
 

@@ -212,7 +212,8 @@ def loop_worker(args: argparse.Namespace) -> None:
     from ctlib.models import build_model
     from ctlib.prepare import load_run_data
     from ctlib.runs import RunSpec
-    from ctlib.train import Training, channels_last, compile_model, make_loader, make_optimizer, train_epoch
+    from ctlib.predict import make_loader
+    from ctlib.train import Training, channels_last, compile_model, make_optimizer, train_epoch
 
     s = SETTINGS[args.quick]
     profile = check_profile(args.quick, Path(args.work), args.device, args.workers)

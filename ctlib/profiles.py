@@ -84,7 +84,7 @@ class Profile:
     eval_batch_size: int = 8
     bootstrap: int = 1000  # resamples for per-class AUROC confidence intervals
     # Training volumes on which the ResNet's BatchNorm statistics are recomputed before each validation
-    # (ctlib.train.recalibrate_batchnorm); 0 keeps PyTorch's running averages, the paper's plain loop.
+    # (ctlib.predict.recalibrate_batchnorm); 0 keeps PyTorch's running averages, the paper's plain loop.
     bn_recalibration: int = 0
     max_steps_per_epoch: int | None = None  # cap optimisation steps per epoch (quick checks only)
     # Process-group timeout (torch.distributed.init_process_group): how long a rank waits for the others at

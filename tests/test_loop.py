@@ -15,7 +15,8 @@ from ctlib.models import ViT3D
 from ctlib.prepare import load_run_data
 from ctlib.profiles import SMOKE
 from ctlib.runs import RunSpec
-from ctlib.train import accelerate, restore_rng_state, rng_state, to_device, train, warmup_factor
+from ctlib.predict import to_device
+from ctlib.train import accelerate, restore_rng_state, rng_state, train, warmup_factor
 
 
 def test_float16_batches_cast_on_the_device_equal_float32(smoke_profile):

@@ -227,7 +227,7 @@ def test_recalibrate_batchnorm_uses_exact_training_statistics():
     from torch.utils.data import TensorDataset
 
     from ctlib.models import ResNet2D, ViT3D
-    from ctlib.train import recalibrate_batchnorm
+    from ctlib.predict import recalibrate_batchnorm
 
     torch.manual_seed(0)
     vols = torch.randn(12, 3, 32, 32) * 0.3 - 0.5

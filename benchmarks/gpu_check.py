@@ -210,9 +210,9 @@ def loop_worker(args: argparse.Namespace) -> None:
     from ctlib.batching import GlobalBatchSampler, Weighted, plan_batches
     from ctlib.cache import PreparedVolumes
     from ctlib.models import build_model
+    from ctlib.predict import make_loader
     from ctlib.prepare import load_run_data
     from ctlib.runs import RunSpec
-    from ctlib.predict import make_loader
     from ctlib.train import Training, channels_last, compile_model, make_optimizer, train_epoch
 
     s = SETTINGS[args.quick]

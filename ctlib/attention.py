@@ -3,10 +3,14 @@ Grad-CAM, per slice.
 
 The ViT factorises attention (``ctlib.models.ViT3D``): a spatial stage mixes the N patches of each slice
 (``R_spatial[s]``, (N, N), query rows), then a slice-wise stage mixes the S slices at each patch position
-(``R_slice[n]``, (S, S)), and the feature vector is the mean over all S*N tokens (no class token). The
-attention that flows from input token (slice s, patch n) to the pooled output is therefore
+(``R_slice[n]``, (S, S)), and the feature vector is a weighted sum of all S*N final tokens (no class
+token): the mean, ``w = 1/(S*N)``, or the ViT's attention pooling, ``w`` = its ``attention_maps(x)["pool"]``.
+The attention that flows from input token (slice s, patch n) to the pooled output is therefore
 
-    A[s, n] = 1/(S*N) * sum_{q, n'} R_slice[n'][q, s] * R_spatial[s][n', n]
+    A[s, n] = sum_{q, n'} w[q, n'] * R_slice[n'][q, s] * R_spatial[s][n', n]
+
+The rollout follows attention and the skip connections only: the PEG of each block (a depthwise 3x3x3
+convolution added to the tokens) and the feed-forward also move information, and no rollout shows them.
 
 (:func:`compose_rollout`; it sums to 1 for row-stochastic rollouts; the class-specific relevance
 replaces the uniform 1/(S*N) by a weight per output token (q, n')). The product of the two marginals,
@@ -214,10 +218,11 @@ def vit_attention(
     Args:
         model: a :class:`ctlib.models.ViT3D`, or a model with a ``.vit`` branch (``Fusion``); it must
             have ``attention_maps(x) -> {"spatial": (B, S, L, heads, N, N), "slice": (B, N, L', heads,
-            S, S)}``.
+            S, S)}`` and, if its features are not the mean of the final tokens, ``"pool": (B, S, N)``.
         volume: one preprocessed volume (S, H, W).
-        slice_weighting: compose the spatial rollout with the slice-wise one exactly
-            (:func:`compose_rollout`); False: the spatial stage only (every slice weighs the same).
+        slice_weighting: compose the spatial rollout with the slice-wise one exactly, each output token
+            weighted by its share of the pooled features (:func:`compose_rollout`); False: the spatial
+            stage only (every slice weighs the same).
         residual: add the identity for the skip connections in the rollout.
         normalize: ``"minmax"`` or ``"max"`` (over the volume, [0, 1]) or ``"sum"`` (:func:`as_distribution`).
     """
@@ -233,7 +238,9 @@ def vit_attention(
         vit.train(was_training)
     spatial = rollout(maps["spatial"][0], residual=residual)  # (S, N, N)
     if slice_weighting and "slice" in maps:
-        tokens = compose_rollout(spatial, rollout(maps["slice"][0], residual=residual))
+        # each pooled output token weighs what the head's pooling gives it (uniform for mean pooling)
+        pool = maps["pool"][0] if "pool" in maps else None
+        tokens = compose_rollout(spatial, rollout(maps["slice"][0], residual=residual), pool)
     else:
         tokens = spatial.mean(dim=-2) / s
     return _normalise(_to_voxels(tokens, h, w), normalize).cpu().numpy().astype(np.float32)

@@ -292,19 +292,20 @@ def test_gradient_rollout_equals_a_hand_computation():
 def _forward_keeping(vit: ViT3D, x: torch.Tensor) -> tuple[torch.Tensor, list, list, torch.Tensor]:
     """The ViT's forward pass written out here (not through the library's hooks): logits (1, C), the
     attention of each spatial and slice-wise layer, and the final tokens after ``vit.norm``, (N, S, D)."""
-    s = x.shape[1]
-    t = vit.patch_embed(vit.to_patches(x)) + vit.spatial_pos + vit.slice_pos[:s, None]
-    t = t.reshape(s, -1, t.shape[-1])  # b = 1: (S, N, D)
+    s, g = x.shape[1], vit.grid
+    t = vit.patch_embed(vit.to_patches(x))[0]  # b = 1: (S, N, D)
+    bias = vit.spatial_bias(g, g)
     sp, sl = [], []
     for block in vit.spatial:
-        t, probs = block(t, True)
+        t, probs = block(t, (1, s, g, g), True, bias, True)
         sp.append(probs)
-    t = t.transpose(0, 1)  # (N, S, D)
+    t = vit.spatial_norm(t).transpose(0, 1)  # (N, S, D)
     for block in vit.across:
-        t, probs = block(t, True)
+        t, probs = block(t, (1, s, g, g), False, None, True)
         sl.append(probs)
     final = vit.norm(t)
-    return vit.head(final.mean(dim=(0, 1))[None]), sp, sl, final
+    w = vit.pool_weights(final, 1)[0].T[..., None]  # (N, S, 1)
+    return vit.head((w * final).sum(dim=(0, 1))[None]), sp, sl, final
 
 
 def _residual_normalised(r: np.ndarray) -> np.ndarray:
@@ -411,9 +412,11 @@ _PH_S, _PH_SIDE, _PH_PATCH = 4, 16, 4  # 4 slices of 16x16, a 4x4 patch grid: 64
 
 
 def _add_cube(x: torch.Tensor, s0: int, r: int, c: int) -> None:
-    """A bright cube filling one patch (r, c) on slices s0 and s0 + 1 of x (..., S, H, W), in place."""
-    p = _PH_PATCH
-    x[..., s0:s0 + 2, r * p:(r + 1) * p, c * p:(c + 1) * p] += 2.0
+    """A bright block in the centre 2x2 pixels of patch (r, c) on slices s0 and s0 + 1 of x (..., S, H, W),
+    in place. (A block filling the whole patch would be invisible: the ViT's patch embedding starts with a
+    LayerNorm over the patch's pixels, which removes a constant added to all of them.)"""
+    p, q = _PH_PATCH, _PH_PATCH // 4
+    x[..., s0:s0 + 2, r * p + q:(r + 1) * p - q, c * p + q:(c + 1) * p - q] += 3.0
 
 
 def _phantom_detector() -> ViT3D:
@@ -443,7 +446,7 @@ def test_vit_relevance_finds_the_lesion_of_a_phantom():
     vit = _phantom_detector()
     gen = torch.Generator().manual_seed(5)
     grid, p = _PH_SIDE // _PH_PATCH, _PH_PATCH
-    fraction = 2 * p * p / (_PH_S * _PH_SIDE**2)  # share of the volume the cube fills: 1/32
+    fraction = 2 * p * p / (_PH_S * _PH_SIDE**2)  # share of the volume the cube's 2 patches fill: 1/32
     hits, masses, old_masses = 0, [], []
     for s0, r, c in [(1, 1, 2), (0, 3, 0), (2, 0, 3), (1, 2, 1)]:
         x = torch.randn(_PH_S, _PH_SIDE, _PH_SIDE, generator=gen)

@@ -114,8 +114,23 @@ def _load_state_dict(source: ResNet18_Weights | Path) -> Mapping[str, Tensor]:
     return state
 
 
+def slice_mean(t: Tensor) -> Tensor:
+    """The mean over slices (dim 1) of ``t`` (B, S, ...), the same bits whatever the order of the slices.
+
+    A float sum depends on the order of its terms (a permutation of 16 slice logits moves the plain mean by
+    ~1e-7), so the values are sorted along the slices first and summed in that order: a volume and any
+    permutation of its slices get identical outputs when the per-slice values are identical, which
+    ``tests/test_synthetic_3d.py`` checks (the backbone computes each slice of a batch the same way wherever it
+    sits: measured on CPU, not promised by PyTorch for every backend). Mathematically the mean; the gradient
+    is the mean's (1/S to every slice)."""
+    return t.sort(dim=1).values.mean(dim=1)
+
+
 class ResNet2D(nn.Module):
     """Section 4.1: torchvision's ResNet-18 on every slice, slice logits averaged over the volume.
+
+    The average is :func:`slice_mean`: exactly invariant to the order of the slices, so a volume and any
+    permutation of its slices give the same logits and features to the last bit.
 
     The first convolution takes one channel and the last layer gives 18 logits per slice. Slices run as
     one batch ``(B*S, 1, H, W)`` of any H, W (the paper: 100 slices of 214x214).
@@ -192,13 +207,13 @@ class ResNet2D(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Mean over slices of the pooled slice features: (B, S, H, W) -> (B, 512)."""
-        return self._slice_features(x).mean(dim=1)
+        return slice_mean(self._slice_features(x))
 
     def forward(self, x: Tensor, *, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """(B, S, H, W) -> logits (B, 18), the mean of the slice logits (and features (B, 512))."""
         feats = self._slice_features(x)
-        logits = self.fc(feats).mean(dim=1)
-        return (logits, feats.mean(dim=1)) if return_features else logits
+        logits = slice_mean(self.fc(feats))
+        return (logits, slice_mean(feats)) if return_features else logits
 
 
 def resnet2d_with_fallback(

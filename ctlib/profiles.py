@@ -32,6 +32,13 @@ class Profile:
     synthetic_shape: tuple[int, int, int] = (128, 128, 48)  # (X, Y, Z) voxels written
     synthetic_spacing: tuple[float, float, float] = (2.75, 2.75, 5.0)  # mm
     synthetic_seed: int = 0
+    # Held-out synthetic test patients added beyond synthetic_patients (one chest volume each): the test split is
+    # then exactly them, and the synthetic_patients are split train:val in the ratio fractions[0]:fractions[1].
+    synthetic_test_patients: int = 0
+    # Strength lambda in [0, 1] of the synthetic lung-nodule cue (DATA.md, "The 3D class"): 0 makes a positive
+    # volume and its negative twin the same set of slices in the same order up to identical slices, 1 the
+    # full-size nodule. Part of the snapshot's identity (its folder name).
+    context_strength: float = 1.0
     prepare_workers: int = 2
     # Preparation exits non-zero when more than this fraction of the cohort's volumes fail to read.
     max_failed_fraction: float = 0.01
@@ -196,7 +203,9 @@ def validate(profile: Profile, world_size: int = 1) -> None:
         value = getattr(profile, name)
         need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
              f"{name} must be a positive integer, got {value!r}")
-    for name in ("num_workers", "bn_recalibration", "seed", "split_seed", "warmup_steps"):
+    need(0.0 <= profile.context_strength <= 1.0,
+         f"context_strength must be in [0, 1], got {profile.context_strength!r}")
+    for name in ("num_workers", "bn_recalibration", "seed", "split_seed", "warmup_steps", "synthetic_test_patients"):
         value = getattr(profile, name)
         need(isinstance(value, int) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
     need(world_size >= 1, f"world size must be >= 1, got {world_size}")

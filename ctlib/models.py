@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models import ResNet18_Weights, resnet18
 
 from ctlib.data import CLASSES
-from ctlib.profiles import MODELS, Profile
+from ctlib.profiles import CONTROL_MODELS, MODELS, Profile
 
 logger = logging.getLogger(__name__)
 
@@ -554,11 +554,57 @@ def vit_kwargs(profile: Profile, model: str) -> dict[str, Any]:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# A control, not the paper's: a small 3D CNN
+# --------------------------------------------------------------------------------------------------
+
+
+class CNN3D(nn.Module):
+    """A small 3D CNN: the control that shows a 3D cue is learnable by *some* 3D model at a budget (notebook 09).
+
+    Three blocks of Conv3d(3x3x3)/BatchNorm/ReLU (``width``, 2x, 4x channels), the first two followed by
+    in-plane max pooling (slices are kept: the cue of the synthetic lung nodule is one slice's shift), then a
+    global max over the volume (a small finding anywhere) -> Linear. Measured on the demo's input (16x56x56,
+    lung-nodule label only): AUROC 0.97 after 300 AdamW steps (lr 1e-3, batch 8), 0.996 after 400; the same
+    network on the same volumes with their slices shuffled, 0.55.
+
+    Args:
+        width: channels of the first block.
+        num_classes: logits.
+    """
+
+    def __init__(self, *, width: int = 16, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        _check_positive(width=width, num_classes=num_classes)
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)]
+
+        self.body = nn.Sequential(*block(1, width), nn.MaxPool3d((1, 2, 2)), *block(width, 2 * width),
+                                  nn.MaxPool3d((1, 2, 2)), *block(2 * width, 4 * width), nn.AdaptiveMaxPool3d(1),
+                                  nn.Flatten())
+        self.head = nn.Linear(4 * width, num_classes)
+        self.feature_dim = 4 * width
+
+    def features(self, x: Tensor) -> Tensor:
+        """(B, S, H, W) -> (B, 4 * width): the global max of the last block."""
+        _check_volume(x, "CNN3D")
+        return self.body(x[:, None])
+
+    def forward(self, x: Tensor, *, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, S, H, W) -> logits (B, 18) (and features)."""
+        feats = self.features(x)
+        logits = self.head(feats)
+        return (logits, feats) if return_features else logits
+
+
 def build_model(profile: Profile, model: str, alpha: float | str = 1.0, *, pretrained: bool = True) -> nn.Module:
-    """The paper's ``model`` for ``profile``. ``pretrained=False`` skips loading ResNet weights
-    (used when a checkpoint will overwrite them anyway)."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+    """The paper's ``model`` for ``profile`` (or the ``cnn3d`` control). ``pretrained=False`` skips loading
+    ResNet weights (used when a checkpoint will overwrite them anyway)."""
+    if model not in MODELS + CONTROL_MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {MODELS + CONTROL_MODELS}")
+    if model == "cnn3d":
+        return CNN3D()
     weights = profile.weights if pretrained else None
     if model == "vit3d":
         return ViT3D(**vit_kwargs(profile, model))
@@ -575,7 +621,7 @@ def weights_used(model: nn.Module) -> str:
         return model.weights_used
     if isinstance(model, Fusion):
         return model.resnet.weights_used
-    return "random (ViT3D is trained from scratch)"
+    return f"random ({type(model).__name__} is trained from scratch)"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -96,8 +96,9 @@ if prof.data_root is not None:
     raise ValueError("notebook 09 needs the synthetic data (its lung-nodule cue and dial); data_root must be None")
 lambda_values = [float(v) for v in str(lambdas).split(",")]
 seed_list = [int(seed) + k for k in range(int(n_seeds))]
-if prof.name == "smoke":  # a CI run of the code path, not of the experiment: the two ends of the dial, one seed
+if prof.name == "smoke":  # a CI run of the code path, not of the experiment: the dial's two ends, one seed, 8 steps
     lambda_values, seed_list = sorted({min(lambda_values), max(lambda_values)}), seed_list[:1]
+    train_steps = min(int(train_steps), 8)
 groups = class_groups_for(prof.data_root)
 MODELS = {"ResNet": ("resnet2d", None), "ViT": ("vit3d", None), "fusion": ("fusion", 1.0)}
 if cnn_control:

@@ -315,7 +315,8 @@ def plot_context_sweep(
             left.fill_between(lams, d["diff_low"], d["diff_high"], color=color, alpha=0.12 if group == "3D" else 0.08,
                               lw=0)
         left.plot(lams, mean, ls=ls, marker="s" if group == "3D" else None, color=color,
-                  label=f"{group} class{'es' if group == '2D' else ''}: mean over {len(seeds)} seeds")
+                  label=f"{group} class{'es' if group == '2D' else ''}: mean over {len(seeds)} "
+                        f"seed{'s' if len(seeds) > 1 else ''}")
     left.axhline(0.0, color="0.3", lw=0.8)
     left.axhline(-margin, color="0.6", lw=0.8, ls=":", label=f"non-inferiority margin (-{margin:g})")
     left.set_xlabel("cue strength λ")
@@ -333,7 +334,8 @@ def plot_context_sweep(
         mean = rows.groupby("lambda")["auroc"].mean().reindex(lams)
         right.plot(lams, mean, marker="o", color=color, lw=2 if m in alone else 1.2, label=f"{m} (mean; dots: seeds)")
     right.axhline(0.5, color="0.6", ls="--", lw=0.8)
-    right.set_ylim(0.3, 1.02)
+    shown = sweep[(sweep["group"] == "3D") & sweep["model"].isin(models)]["auroc"]
+    right.set_ylim(min(0.3, float(shown.min()) - 0.05) if len(shown) else 0.3, 1.02)
     right.set_xlabel("cue strength λ")
     right.set_ylabel("AUROC, 3D class")
     right.set_title("3D class: the positive control and the others")

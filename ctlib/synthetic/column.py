@@ -34,7 +34,9 @@ M = A + SHIFT  # slots over which the chest is held still (rotated in a positive
 N_COLUMNS = 3
 R_THIN = (4.0, 5.0)  # mm, the thin vessel r
 R_MAX = (11.0, 14.0)  # mm, the large disc at full strength
-_MIN_Z, _MAX_Z = -45.0, 65.0  # reference mm the column may occupy (mid lung)
+_LEVEL = (-5.0, 30.0)  # reference mm: the centre of a chest's columns (mid lung)
+_HALF = 36.0  # mm above and below that centre where the columns must lie in the lung (the demo's column spans
+# 33 mm of chest, smoke's 72)
 
 
 def radii_pattern(positive: bool) -> list[bool]:
@@ -120,11 +122,11 @@ def layout(a: _Anatomy, rng: np.random.Generator, shape, spacing, shift, ctx: Co
         zm = _zmap(nz, g, k0)
         return np.concatenate([short.z[zm[g * (k0 + j): g * (k0 + j + 1)]] for j in range(K)])
 
-    ok = [k for k in range(lo, hi - K + 1)
-          if slot_z(k).min() - 0.5 * short.hz >= _MIN_Z and slot_z(k).max() + 0.5 * short.hz <= _MAX_Z]
-    if not ok:  # a coarse grid: the most central start
-        ok = [min(range(lo, hi - K + 1), key=lambda k: abs(float(slot_z(k).mean()) - 10.0))]
-    k0 = int(rng.choice(ok))
+    # The columns' level and places are the patient's (a repeat scan or another resolution keeps them); the
+    # grid only decides which model slices come nearest that level.
+    zc = _u(rng, *_LEVEL)
+    mids = {k: float(slot_z(k).mean()) for k in range(lo, hi - K + 1)}
+    k0 = min(mids, key=lambda k: (abs(mids[k] - zc), k))
     zs = slot_z(k0)
     zlo, zhi = float(zs.min()) - 0.5 * short.hz, float(zs.max()) + 0.5 * short.hz
     cols: list[tuple[float, float, float, float]] = []
@@ -135,9 +137,9 @@ def layout(a: _Anatomy, rng: np.random.Generator, shape, spacing, shift, ctx: Co
         big = r + float(strength) * (rmax - r)
         for attempt in range(40):
             margin = rmax + 4.0 if attempt < 30 else rmax
-            p = _lung_point(rng, a, side, margin=margin, zr=(zlo, zlo + 1.0))
-            pts = np.array([[p[0], p[1], z] for z in np.linspace(zlo, zhi, 9)])
-            clear = all(math.hypot(p[0] - q[0], p[1] - q[1]) > rmax + q[3] + 8.0 for q in cols)
+            p = _lung_point(rng, a, side, margin=margin, zr=(zc - 1.0, zc + 1.0))
+            pts = np.array([[p[0], p[1], z] for z in np.linspace(zc - _HALF, zc + _HALF, 9)])
+            clear = all(math.hypot(p[0] - q[0], p[1] - q[1]) > rmax + R_MAX[1] + 8.0 for q in cols)
             if _in_lung(a, pts, margin).all() and clear:
                 break
         cols.append((float(p[0]), float(p[1]), r, big))

@@ -20,7 +20,7 @@
 #
 # The paper's question (section 5): does the ViT's 3D residual add to the slice-wise ResNet? On CT-RATE
 # nothing says which finding needs 3D. On the synthetic data one class does **by construction**: every chest
-# has three lung columns of five slices, each slice a round 40 HU disc (two large, three thin); a lung nodule
+# has four lung columns of five slices, each slice a round 40 HU disc (two large, three thin); a lung nodule
 # is the same discs in another order (thin, large, large, thin, thin instead of large, large, thin, thin,
 # thin). A positive volume *is* its negative twin with three slices reordered (the chest is held still over
 # them; DATA.md, "The 3D class"), so the ResNet, whose logit is the mean of its slice logits, and the fusion's
@@ -29,7 +29,7 @@
 #
 # A dial sets the cue's strength lambda in [0, 1] (the large radius R = r + lambda (R_max - r)): at lambda = 0
 # positives and negatives are the same volumes up to the order of identical slices (the negative control);
-# at 1 the nodule is 22-28 mm across. For each lambda and training seed this notebook trains the ResNet, the
+# at 1 the nodule is 24-30 mm across. For each lambda and training seed this notebook trains the ResNet, the
 # ViT alone (the positive control: it must learn the cue), the fusion (alpha = 1) and a small 3D CNN (the
 # control that shows the cue is learnable by some 3D model at this budget), each for the same number of
 # optimisation steps, on a snapshot of its own (lambda is part of the snapshot's identity), and scores all of

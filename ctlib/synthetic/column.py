@@ -17,13 +17,12 @@ input from both twins, exactly; only the order of slices along z, i.e. 3D contex
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ctlib.synthetic.anatomy import _Anatomy, _in_lung, _lung_point, _u
+from ctlib.synthetic.anatomy import _Anatomy, _in_lung, _u
 from ctlib.synthetic.geometry import _F32, _Grid
 
 COLUMN_HU = 40.0
@@ -31,11 +30,11 @@ K = 5  # slots per column
 A = 2  # slots with the large disc R
 SHIFT = 1  # a positive's R run starts this many slots up the column
 M = A + SHIFT  # slots over which the chest is held still (rotated in a positive)
-N_COLUMNS = 3
-R_THIN = (4.0, 5.0)  # mm, the thin vessel r
-R_MAX = (11.0, 14.0)  # mm, the large disc at full strength
-_LEVEL = (-5.0, 30.0)  # reference mm: the centre of a chest's columns (mid lung)
-_HALF = 36.0  # mm above and below that centre where the columns must lie in the lung (the demo's column spans
+N_COLUMNS = 4
+R_THIN = (5.0, 6.0)  # mm, the thin vessel r
+R_MAX = (12.0, 15.0)  # mm, the large disc at full strength
+_LEVEL = (0.0, 35.0)  # reference mm: the centre of a chest's columns (mid lung)
+_HALF = 20.0  # mm above and below that centre where the columns must lie in the lung (the demo's column spans
 # 33 mm of chest, smoke's 72)
 
 
@@ -129,21 +128,41 @@ def layout(a: _Anatomy, rng: np.random.Generator, shape, spacing, shift, ctx: Co
     k0 = min(mids, key=lambda k: (abs(mids[k] - zc), k))
     zs = slot_z(k0)
     zlo, zhi = float(zs.min()) - 0.5 * short.hz, float(zs.max()) + 0.5 * short.hz
-    cols: list[tuple[float, float, float, float]] = []
-    sides = ["R", "L", "R" if rng.random() < 0.5 else "L"]
+    cols: list[tuple[float, float, float, float, float]] = []
+    first = int(rng.random() < 0.5)
+    sides = [("R", "L")[(k + first) % 2] for k in range(N_COLUMNS)]  # alternating lungs, 2 + 2
     for side in sides:
         r = _u(rng, *R_THIN)
         rmax = _u(rng, *R_MAX)
         big = r + float(strength) * (rmax - r)
-        for attempt in range(40):
-            margin = rmax + 4.0 if attempt < 30 else rmax
-            p = _lung_point(rng, a, side, margin=margin, zr=(zc - 1.0, zc + 1.0))
-            pts = np.array([[p[0], p[1], z] for z in np.linspace(zc - _HALF, zc + _HALF, 9)])
-            clear = all(math.hypot(p[0] - q[0], p[1] - q[1]) > rmax + R_MAX[1] + 8.0 for q in cols)
-            if _in_lung(a, pts, margin).all() and clear:
-                break
-        cols.append((float(p[0]), float(p[1]), r, big))
-    return Layout(g, k0, nz, _zmap(nz, g, k0), cols, (zlo, zhi)), short
+        p = _place(a, rng, side, zc, rmax, cols)
+        cols.append((float(p[0]), float(p[1]), r, big, rmax))
+    return Layout(g, k0, nz, _zmap(nz, g, k0), [c[:4] for c in cols], (zlo, zhi)), short
+
+
+def _place(a: _Anatomy, rng: np.random.Generator, side: str, zc: float, rmax: float, cols: list) -> np.ndarray:
+    """A column's axis in the ``side`` lung: among 512 random points of the lung's box, those whose disc at full
+    size (``rmax``) lies inside the lung (with 3 mm to spare, then less) at every level within ``_HALF`` of
+    ``zc``; a random one with 4 mm of room to the other columns' discs (the lung margin given up before the
+    room), else the one with the most room."""
+    sgn = -1.0 if side == "R" else 1.0
+    lo = np.array([a.bx + (a.w_med if sgn > 0 else -a.ca), a.cyc - a.cb])
+    hi = np.array([a.bx + (a.ca if sgn > 0 else -a.w_med), a.cyc + a.cb])
+    xy = lo + rng.random((512, 2)) * (hi - lo)
+    levels = np.linspace(zc - _HALF, zc + _HALF, 9)
+    pts = np.concatenate([np.repeat(xy, len(levels), axis=0), np.tile(levels, len(xy))[:, None]], axis=1)
+    room = np.full(len(xy), np.inf)
+    for q in cols:
+        room = np.minimum(room, np.hypot(xy[:, 0] - q[0], xy[:, 1] - q[1]) - rmax - q[4])
+    for spare in (1.0, -2.0, -6.0, -rmax):  # the disc inside the lung, then less and less so
+        inside = _in_lung(a, pts, rmax + spare).reshape(len(xy), len(levels)).all(axis=1)
+        good = np.flatnonzero(inside & (room > 4.0))
+        if good.size:
+            k = int(good[0])
+            break
+    else:  # no room anywhere: the most room (columns may touch)
+        k = int(np.argmax(np.where(inside, room, room - 1e3)))
+    return np.array([xy[k, 0], xy[k, 1], zc])
 
 
 def disc_cover(grid: _Grid, x: float, y: float, rad: float) -> tuple[tuple[slice, slice], np.ndarray]:

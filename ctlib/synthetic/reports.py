@@ -113,7 +113,7 @@ def _finding(c: str, d: Mapping[str, Any]) -> tuple[str, str]:
         f = f"{d['form'].capitalize()} atelectasis is observed in the lower zone of {_side_text(d['side'])}."
         i = "Atelectasis."
     elif c == "Lung nodule":  # every column of the chest carries one (ctlib.synthetic.column)
-        f = ("Three solid nodules up to 28 mm in diameter, each on a small vessel, are observed in the lung "
+        f = ("Four solid nodules up to 30 mm in diameter, each on a small vessel, are observed in the lung "
              "parenchyma.")
         i = "Pulmonary nodules."
     elif c == "Lung opacity":

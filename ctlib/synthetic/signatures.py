@@ -62,8 +62,8 @@ SIGNATURES: dict[str, Signature] = {
         "dense (20-45 HU) plate-like bands 12-18 mm thick or a 36-52 mm pleura-based wedge in the lower lung",
         False, _ONE_SLICE + " (a dense band or wedge in the lung)"),
     "Lung nodule": Signature(
-        "every chest has three vertical lung columns of five slices, each slice a round 40 HU disc: two large "
-        "(radius 11-14 mm at full strength) and three thin (4-5 mm); negative: the large discs at the "
+        "every chest has four vertical lung columns of five slices, each slice a round 40 HU disc: two large "
+        "(radius 12-15 mm at full strength) and three thin (5-6 mm); negative: the large discs at the "
         "column's lower end (a vessel tapering into a branch); positive: one thin disc below them (a "
         "nodule threaded on a thin vessel)", True,
         "a positive volume is its negative twin with three slices reordered (the chest is held still over "
@@ -145,7 +145,7 @@ def _variants(base: Sequence[int]) -> dict[str, dict[str, Any]]:
             v["zone"] = "upper" if r.random() < 0.7 else "lower"
         elif c == "Atelectasis":
             v["form"] = "plate-like" if r.random() < 0.55 else "wedge-shaped"
-        elif c == "Lung nodule":  # drawn on all three columns (ctlib.synthetic.column); kept for the streams
+        elif c == "Lung nodule":  # drawn on all four columns (ctlib.synthetic.column); kept for the streams
             v["count"] = int(r.choice([1, 2, 3], p=[0.55, 0.3, 0.15]))
         elif c == "Lung opacity":
             v["count"] = int(r.integers(2, 5))

@@ -7,7 +7,7 @@
 #   bash run_all.sh --lab                # set up, then JupyterLab in notebooks/ (127.0.0.1, with a token)
 #   bash run_all.sh --profile paper --data-root /data/CT-RATE    # CT-RATE on all visible GPUs
 #   bash run_all.sh --profile paper --data-root /data/CT-RATE \
-#       --launcher "srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500"
+#       --launcher "srun torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500"
 #
 # Set-up is automatic: an active virtualenv/conda env that already has ctlib is used as it is;
 # otherwise a local .venv is created with the exact versions of requirements-lock.txt (then
@@ -34,6 +34,8 @@ MODE=paper
 CELL_TIMEOUT=86400
 PINNED=1
 LAB_PORT=""
+TORCH_INDEX=""
+PRINT_INSTALL=0
 LOCK="$HERE/requirements-lock.txt"
 OPT_IN=",09,"  # notebooks that run only when --only names them
 
@@ -50,10 +52,15 @@ Options:
   --data-root DIR   a CT-RATE snapshot (folder holding dataset/); default: the synthetic dataset
   --seed N          training seed (default 0); outputs of seed N>0 are tagged <profile>-seedN
   --gpus N          processes per training run (default: all visible GPUs, or 1 on CPU)
+  --device D        cuda | cpu | auto: where training runs (default: the profile's, cuda for paper and
+                    paper480, which stop at once when torch cannot use a GPU; auto for demo and smoke)
   --launcher CMD    command prefix that starts each training run instead of the default
                     `torchrun --standalone --nproc_per_node=<gpus>`, e.g. on a cluster
-                    "srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500"
-                    (followed by `-m ctlib.train ...`; run folders and caches must be on a shared filesystem)
+                    "srun torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500"
+                    (followed by `-m ctlib.train ...`; run folders and caches must be on a shared filesystem;
+                    the paper's global batch of 8 is kept on 1 to 8 processes; under Slurm >= 22.05
+                    export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK first, or srun's tasks get one CPU
+                    and the DataLoader workers starve)
   --runs-at-once N  training runs side by side on a CPU-only machine (default: from the cores, two on
                     two cores, one thread each; 1: one after another with all cores)
   --only LIST       run only these notebooks, e.g. --only 01,06 (opt-in notebooks, 09, run only so)
@@ -66,11 +73,27 @@ Options:
                     one paired notebook, saving writes both)
   --port N          JupyterLab's port (default: a free one)
   --unpinned        set up .venv from pyproject.toml's version ranges instead of requirements-lock.txt
+  --torch-cuda X.Y  install torch and torchvision built for CUDA X.Y (e.g. 12.6 for NVIDIA drivers
+                    525-579; the lock's torch is built for CUDA 13.0 and needs driver >= 580), from
+                    https://download.pytorch.org/whl/cuXY, then the rest from requirements-lock.txt;
+                    `--torch-cuda cpu` installs the CPU build
+  --torch-index URL the same from any package index holding torch (a mirror, a ROCm index)
+  --print-install   print the pip commands the set-up would run (with the options above) and stop
   --setup-only      set up the environment and stop
   -h, --help        this help
 
 Environment: CTLIB_PYTHON=/path/to/python uses that interpreter as is (no set-up).
 EOF
+}
+
+# --torch-cuda X.Y -> PyTorch's index for that build (12.6 -> .../whl/cu126; cpu -> .../whl/cpu)
+torch_index_for() {
+  local v="$1"
+  if [[ "$v" == cpu ]]; then echo "https://download.pytorch.org/whl/cpu"; return; fi
+  if [[ ! "$v" =~ ^([0-9]+)\.([0-9])$ ]]; then
+    echo "run_all.sh: --torch-cuda takes a CUDA version like 12.6 or 13.0 (or cpu), got '$v'" >&2; return 1
+  fi
+  echo "https://download.pytorch.org/whl/cu${BASH_REMATCH[1]}${BASH_REMATCH[2]}"
 }
 
 while [[ $# -gt 0 ]]; do
@@ -79,6 +102,7 @@ while [[ $# -gt 0 ]]; do
     --data-root) DATA_ROOT="$2"; shift 2 ;;
     --seed) SEED="$2"; shift 2 ;;
     --gpus) GPUS="$2"; shift 2 ;;
+    --device) export CTLIB_DEVICE="$2"; shift 2 ;;
     --launcher) LAUNCHER="$2"; shift 2 ;;
     --runs-at-once) RUNS_AT_ONCE="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
@@ -90,6 +114,10 @@ while [[ $# -gt 0 ]]; do
     --lab) MODE=lab; shift ;;
     --port) LAB_PORT="$2"; shift 2 ;;
     --unpinned) PINNED=0; shift ;;
+    --torch-cuda) TORCH_INDEX="$(torch_index_for "${2:-}")" || exit 2; shift 2 ;;
+    --torch-index) [[ -n "${2:-}" ]] || { echo "run_all.sh: --torch-index needs a URL" >&2; exit 2; }
+                   TORCH_INDEX="$2"; shift 2 ;;
+    --print-install) PRINT_INSTALL=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_all.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -108,36 +136,69 @@ have_lab() { "$1" -c 'import jupyterlab, jupytext' >/dev/null 2>&1; }
 lock_usable() {
   local want have
   want="$(sed -n 's/^# platform: //p' "$LOCK" 2>/dev/null)"
-  have="$("$1" -c 'import platform, sys; print(f"{sys.platform}-{platform.machine()}-py{sys.version_info.major}.{sys.version_info.minor}")')"
+  have="$("${LOCK_PY:-$1}" -c 'import platform, sys; print(f"{sys.platform}-{platform.machine()}-py{sys.version_info.major}.{sys.version_info.minor}")')"
   [[ -n "$want" && "$want" == "$have" ]] && return 0
   log "requirements-lock.txt was made on ${want:-?}, this is $have: installing pyproject.toml's ranges instead"
   return 1
 }
 
 pip_quiet() {  # PY -m pip ...: quiet, minus the noise of local package mirrors; stops run_all.sh on failure
+  if [[ "$PRINT_INSTALL" == 1 ]]; then echo "$*"; return; fi
   "$@" --quiet --disable-pip-version-check 2>&1 | { grep -v -e '^WARNING: Location' -e 'is ignored' || true; }
   local rc="${PIPESTATUS[0]}"
   [[ "$rc" == 0 ]] || { echo "run_all.sh: '${*:2}' failed (exit $rc)" >&2; exit 1; }
 }
 
-# install_into PY: ctlib (editable) with the dev and lab extras, at the locked versions when we can
+# The lock's torch family: torch, torchvision, triton and the CUDA libraries that torch's CUDA 13 build pulls in.
+TORCH_FAMILY='^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)=='
+locked_version() { sed -n "s/^$1==//p" "$LOCK"; }
+
+# install_torch PY: torch and torchvision at the lock's versions from $TORCH_INDEX (their CUDA libraries come
+# with them); dependencies already installed at the lock's versions stay as they are
+install_torch() {
+  local torch_v vision_v
+  torch_v="$(locked_version torch)"; vision_v="$(locked_version torchvision)"
+  log "installing torch $torch_v and torchvision $vision_v from $TORCH_INDEX"
+  pip_quiet "$1" -m pip uninstall -y torch torchvision triton
+  pip_quiet "$1" -m pip install "torch==$torch_v" "torchvision==$vision_v" --index-url "$TORCH_INDEX"
+}
+
+# install_into PY: ctlib (editable) with the dev and lab extras, at the locked versions when we can; with
+# --torch-cuda/--torch-index the lock without its torch family first (--no-deps: the lock is the whole
+# closure), then torch from that index, so that only torch and its CUDA libraries come from there
 install_into() {
   if [[ "$PINNED" == 1 ]] && lock_usable "$1"; then
     log "installing the exact versions of requirements-lock.txt"
-    pip_quiet "$1" -m pip install -r "$LOCK"
+    if [[ -n "$TORCH_INDEX" ]]; then
+      local rest="${VENV_DIR:-$HERE/.venv}/requirements-lock-without-torch.txt"
+      if [[ "$PRINT_INSTALL" == 1 ]]; then
+        echo "grep -vE '$TORCH_FAMILY' $LOCK > $rest"
+      else
+        grep -vE "$TORCH_FAMILY" "$LOCK" > "$rest"
+      fi
+      pip_quiet "$1" -m pip install --no-deps -r "$rest"
+      install_torch "$1"
+    else
+      pip_quiet "$1" -m pip install -r "$LOCK"
+    fi
     pip_quiet "$1" -m pip install --no-deps -e .
   else
+    [[ -z "$TORCH_INDEX" ]] || install_torch "$1"
     pip_quiet "$1" -m pip install -e ".[dev,lab]"
   fi
 }
 
 setup_env() {
-  if [[ -n "${CTLIB_PYTHON:-}" ]]; then PY="$CTLIB_PYTHON"; return; fi
+  if [[ -n "${CTLIB_PYTHON:-}" ]]; then
+    PY="$CTLIB_PYTHON"; [[ -z "$TORCH_INDEX" ]] || install_torch "$PY"; return
+  fi
   if [[ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]] && command -v python >/dev/null && have_ctlib python; then
-    PY="$(command -v python)"; log "using the active environment ($PY)"; return
+    PY="$(command -v python)"; log "using the active environment ($PY)"
+    [[ -z "$TORCH_INDEX" ]] || install_torch "$PY"
+    return
   fi
   local venv="$HERE/.venv" stamp
-  stamp="$(cat pyproject.toml "$LOCK" 2>/dev/null | sha1sum | cut -c1-16)-pinned$PINNED"
+  stamp="$(cat pyproject.toml "$LOCK" 2>/dev/null | sha1sum | cut -c1-16)-pinned$PINNED${TORCH_INDEX:+-$TORCH_INDEX}"
   if [[ -x "$venv/bin/python" && -f "$venv/.ctlib-stamp" && "$(cat "$venv/.ctlib-stamp")" == "$stamp" ]] \
       && have_ctlib "$venv/bin/python"; then
     PY="$venv/bin/python"; return
@@ -189,6 +250,15 @@ start_lab() {
     "${extra[@]}"
 }
 
+if [[ "$PRINT_INSTALL" == 1 ]]; then  # what a fresh set-up of .venv would run, nothing run
+  base="$(command -v python3.11 || command -v python3 || true)"
+  [[ -n "$base" ]] || { echo "run_all.sh: no python3 found; install Python 3.11" >&2; exit 1; }
+  VENV_DIR="$HERE/.venv" LOCK_PY="$base"  # the platform check asks the interpreter the venv would be made from
+  echo "$base -m venv $VENV_DIR"
+  install_into "$VENV_DIR/bin/python"
+  exit 0
+fi
+
 setup_env
 export MPLBACKEND=Agg PYTHONUNBUFFERED=1
 
@@ -204,6 +274,9 @@ if [[ "$MODE" == lab ]]; then start_lab; fi
 # --------------------------------------------------------------------------------------------
 TAG="$("$PY" -c "from ctlib.runs import run_tag; print(run_tag('$PROFILE', $SEED))")"
 "$PY" -c "from ctlib.profiles import get_profile; get_profile('$PROFILE')" || exit 2
+# A GPU profile on a machine where torch cannot use one stops here, naming the cause and the fix; with a
+# cluster --launcher the training processes start elsewhere and check there (python -m ctlib.train).
+if [[ -z "$LAUNCHER" ]]; then "$PY" -m ctlib.gpu --profile "$PROFILE" || exit 2; fi
 RUNS="$OUT_ROOT/runs"; FIGS="$OUT_ROOT/figures"; RESULTS="$OUT_ROOT/results"; WORK="$OUT_ROOT/data"
 EXEC_DIR="$RUNS/$TAG/notebooks"
 mkdir -p "$EXEC_DIR"

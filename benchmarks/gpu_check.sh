@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One GPU check, ready to run on a machine with a GPU and nothing prepared (under 8 minutes on one GPU):
-# environment, training speed and peak memory of each model at the paper's sizes (eager and compiled),
-# a paper-profile fusion run timed through generation, preparation, training and evaluation, and a
-# two-process NCCL check when more than one GPU is visible. Writes report.json and report.md.
+# The GPU check: does the training loop reach the speed target on this machine's GPUs? Within 8 minutes,
+# each section with its own time budget: environment (torch, CUDA, driver, GPUs), model FLOPs, a small
+# prepared cache at the paper profile, then per model the real loop (ctlib.train.train_epoch: DataLoader
+# workers, pinned memory, DDP over every visible GPU, the global batch of 8, fused AdamW, bf16, eager) for 5
+# warm-up and 50 timed steps: volumes/s, peak memory per GPU against the estimate, DataLoader wait, GPU
+# utilisation, MFU; a two-process NCCL all-reduce with more than one GPU. The verdict names the GPU and its
+# target (fusion >= 40 volumes/s on one H100, >= 45 on one H200). Without a GPU torch can use it stops at
+# once with the cause and the fix. Writes report.json and report.md.
 #
 #   bash benchmarks/gpu_check.sh                          # -> gpu_check/report.md
-#   bash benchmarks/gpu_check.sh --out /tmp/gpu_check
-#   bash benchmarks/gpu_check.sh --device cpu --quick     # on a CPU at small sizes: proves it end to end
+#   bash benchmarks/gpu_check.sh --out /tmp/gpu_check --compile   # + the fusion under torch.compile (~4 min)
+#   bash benchmarks/gpu_check.sh --device cpu --quick     # on a CPU at smoke sizes: proves it end to end
 #
 # Python: $CTLIB_PYTHON, else the active environment's python3 (needs ctlib's dependencies).
 set -euo pipefail

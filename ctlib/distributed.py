@@ -44,6 +44,7 @@ __all__ = [
     "check_same_start",
     "check_shared_folders",
     "env_rank",
+    "env_local_world_size",
     "env_world_size",
     "gather_predictions",
     "is_distributed",
@@ -66,13 +67,15 @@ def _env_int(name: str, default: int) -> int:
 
 
 def setup(
-    backend: str | None = None, *, timeout: datetime.timedelta | None = None
+    backend: str | None = None, *, timeout: datetime.timedelta | None = None, device: str | None = None
 ) -> tuple[int, int, torch.device]:
     """Join the torchrun process group if there is one; pick this process's device.
 
     Args:
-        backend: process-group backend; default NCCL when CUDA is available, else gloo.
+        backend: process-group backend; default NCCL on CUDA, else gloo.
         timeout: process-group timeout (torch's default when None).
+        device: "cuda" or "cpu" as decided before (``ctlib.gpu.resolve_device``: a run that needs CUDA has
+            stopped already when torch cannot use it); None: CUDA when available.
 
     Returns:
         (rank, world_size, device). Without torchrun variables: (0, 1, cuda:0 or cpu). The device is
@@ -89,7 +92,7 @@ def setup(
     if local_rank < 0:
         raise ValueError(f"LOCAL_RANK must be >= 0, got {local_rank}")
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
     backend = backend or ("nccl" if cuda else "gloo")
     if cuda and backend != "gloo":
         if local_rank >= torch.cuda.device_count():
@@ -138,6 +141,11 @@ def env_rank() -> int:
 def env_world_size() -> int:
     """The number of processes torchrun started (WORLD_SIZE), readable before :func:`setup`; 1 without."""
     return _env_int("WORLD_SIZE", 1)
+
+
+def env_local_world_size() -> int:
+    """The processes torchrun started on this node (LOCAL_WORLD_SIZE); 1 without torchrun."""
+    return _env_int("LOCAL_WORLD_SIZE", 1)
 
 
 def is_main() -> bool:

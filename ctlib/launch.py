@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ctlib import gpu
 from ctlib.prepare import prepare_profile
 from ctlib.profiles import PROFILES, Profile
 from ctlib.runs import LEARNED_2D, PaperOutputs, RunSpec, run_is_complete, scored_every_volume, table_run
@@ -84,7 +85,7 @@ def torchrun_command(
 
     ``launcher``: None or "" runs today's one-node ``torchrun --standalone --nproc_per_node=<processes>``;
     otherwise a command prefix for clusters, split with ``shlex`` and followed by ``-m ctlib.train ...``, e.g.
-    ``"srun torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint node01:29500"``
+    ``"srun torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint node01:29500"``
     (``processes`` is then ignored: the prefix says how many).
     """
     nproc = default_processes() if processes is None else int(processes)
@@ -216,7 +217,8 @@ def train_runs(outputs: PaperOutputs, runs: Sequence[tuple[str, float | str | No
                processes: int | None = None, redo: bool = False, launcher: str | None = None,
                at_once: int | None = None, every_volume: bool | Sequence[str] = True) -> list[Path]:
     """Prepares the data in this process, then trains each ``(model, alpha)`` run with ``torchrun`` unless
-    it is complete; returns the run folders in the order given.
+    it is complete; returns the run folders in the order given. A profile that needs CUDA stops first
+    (``ctlib.gpu.DeviceUnusable``) when torch cannot use a GPU here and no cluster ``launcher`` is given.
 
     Preparation is ``ctlib.prepare.prepare_profile``, the function behind ``python -m ctlib.prepare``: it runs
     here, before any process group exists, and the ranks then only read. A finished run with the same
@@ -228,6 +230,10 @@ def train_runs(outputs: PaperOutputs, runs: Sequence[tuple[str, float | str | No
     every volume (``features.npz`` for the latent space); the others score validation and test only.
     """
     prof = outputs.profile
+    if not (launcher and launcher.strip()):
+        # the runs start on this machine: a profile that needs a GPU stops here when torch cannot use one,
+        # before hours of preparation (with a cluster launcher each training process checks where it runs)
+        gpu.resolve_device(os.environ.get("CTLIB_DEVICE") or prof.device, profile=prof.name)
     # The workers then find a ready cache (generation and preparation happen once, here).
     prepared = prepare_profile(prof)
     print(prepared.summary())

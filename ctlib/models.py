@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,9 @@ class ResNet2D(nn.Module):
         slice_chunk: run at most this many slices through the backbone at once to bound inference memory
             (same result in eval mode; in training the stored activations dominate anyway, and batch norm
             would see per-chunk statistics). ``None``: all ``B*S`` slices at once.
+        gradient_checkpointing: in training, keep only the input of the stem and of each residual block and
+            recompute the rest in the backward pass (several times less activation memory, ~1/3 more
+            compute; the same gradients and batch-norm running statistics).
 
     Raises:
         WeightsUnavailableError: the weights cannot be downloaded or read (see :func:`resnet2d_with_fallback`).
@@ -162,6 +167,7 @@ class ResNet2D(nn.Module):
         num_classes: int = NUM_CLASSES,
         weights: ResNet18_Weights | str | os.PathLike | None = None,
         slice_chunk: int | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         _check_positive(num_classes=num_classes)
@@ -176,6 +182,7 @@ class ResNet2D(nn.Module):
         self.backbone.fc = nn.Identity()  # the backbone gives the 512-d pooled slice features
         self.fc = nn.Linear(self.feature_dim, num_classes)
         self.slice_chunk = slice_chunk
+        self.gradient_checkpointing = gradient_checkpointing
         self.weights_used = "random"
         if state is not None:
             self._load_backbone(state, source)
@@ -199,11 +206,22 @@ class ResNet2D(nn.Module):
         _check_volume(x, "ResNet2D")
         b, s = x.shape[:2]
         slices = rearrange(x, "b s h w -> (b s) 1 h w")
-        if self.slice_chunk is None or self.slice_chunk >= slices.shape[0]:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            feats = self._checkpointed_backbone(slices)
+        elif self.slice_chunk is None or self.slice_chunk >= slices.shape[0]:
             feats = self.backbone(slices)
         else:
             feats = torch.cat([self.backbone(c) for c in slices.split(self.slice_chunk)])
         return feats.view(b, s, self.feature_dim)
+
+    def _checkpointed_backbone(self, slices: Tensor) -> Tensor:
+        """The backbone with the stem and each residual block checkpointed: (N, 1, H, W) -> (N, 512)."""
+        bb = self.backbone
+        stem = nn.Sequential(bb.conv1, bb.bn1, bb.relu, bb.maxpool)
+        t = slices
+        for segment in (stem, *bb.layer1, *bb.layer2, *bb.layer3, *bb.layer4):
+            t = checkpoint(segment, t, use_reentrant=False, context_fn=partial(_recompute_context, segment))
+        return torch.flatten(bb.avgpool(t), 1)
 
     def features(self, x: Tensor) -> Tensor:
         """Mean over slices of the pooled slice features: (B, S, H, W) -> (B, 512)."""
@@ -214,6 +232,30 @@ class ResNet2D(nn.Module):
         feats = self._slice_features(x)
         logits = slice_mean(self.fc(feats))
         return (logits, slice_mean(feats)) if return_features else logits
+
+
+@contextmanager
+def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Batch norm layers of ``module`` normalise with batch statistics but leave their running statistics and
+    counters as they are: a checkpointed segment's recomputation must not count its batch a second time.
+    (Momentum 0 keeps the running averages exactly; the same tensors are saved as in the first forward,
+    which the checkpoint checks.)"""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    kept = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    try:
+        yield
+    finally:
+        for bn, (momentum, count) in zip(bns, kept, strict=True):
+            bn.momentum = momentum
+            bn.num_batches_tracked.copy_(count)
+
+
+def _recompute_context(module: nn.Module) -> tuple[AbstractContextManager, AbstractContextManager]:
+    """``torch.utils.checkpoint``'s ``context_fn``: the forward as it is, the recomputation without
+    updating batch-norm running statistics."""
+    return nullcontext(), _frozen_batchnorm_stats(module)
 
 
 def resnet2d_with_fallback(
@@ -382,7 +424,10 @@ class ViT3D(nn.Module):
         """(B, S, H, W) -> pooled features (B, D) and the per-layer attention probabilities if asked."""
         self._check_input(x)
         b, s = x.shape[:2]
-        t = self.patch_embed(self.to_patches(x)) + self.spatial_pos + self.slice_pos[:s, None]  # (B, S, N, D)
+        t = self.patch_embed(self.to_patches(x))  # (B, S, N, D); bfloat16 under autocast
+        # The float32 position parameters are cast to the tokens' dtype: added as they are, they would promote
+        # the whole residual stream to float32 under autocast (twice the activation memory).
+        t = t + (self.spatial_pos + self.slice_pos[:s, None]).to(t.dtype)
         t = rearrange(self.emb_dropout(t), "b s n d -> (b s) n d")
         spatial, across = [], []
         for block in self.spatial:
@@ -609,7 +654,8 @@ def build_model(profile: Profile, model: str, alpha: float | str = 1.0, *, pretr
     weights = profile.weights if pretrained else None
     if model == "vit3d":
         return ViT3D(**vit_kwargs(profile, model))
-    resnet = resnet2d_with_fallback(weights, allow_random=profile.allow_random_init)
+    resnet = resnet2d_with_fallback(weights, allow_random=profile.allow_random_init,
+                                    gradient_checkpointing=profile.gradient_checkpointing)
     if model == "resnet2d":
         return resnet
     return Fusion(resnet=resnet, vit=ViT3D(**vit_kwargs(profile, model)), alpha=alpha,

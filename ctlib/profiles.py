@@ -67,10 +67,19 @@ class Profile:
     vit_dropout: float = 0.0
     alpha_init: float = 0.5  # start value of a learned alpha
     learn_2d_weight: bool = False  # fusion: learn beta, the 2D weight, too (the paper's future work)
+    # Recompute activations in the backward pass (the ViT's blocks, the ResNet's stem and residual blocks):
+    # ~1/3 more compute for several times less activation memory (ctlib.memory.estimate).
     gradient_checkpointing: bool = False
     # --- training (section 4.5) -------------------------------------------------------------
+    # Where to train: "cuda" (required: the run stops at once with the cause when torch cannot use a GPU,
+    # ctlib.gpu.resolve_device), "cpu" (on purpose), or "auto" (CUDA when usable, else the CPU).
+    device: str = "cuda"
     epochs: int = 10
-    batch_size: int = 8  # global, split over the processes
+    # Volumes per optimisation step over all processes, whatever their number (ctlib.batching): 3 GPUs take
+    # 3, 3 and 2; with per_gpu_batch below ceil(batch_size / processes), gradients accumulate over micro-steps.
+    batch_size: int = 8
+    per_gpu_batch: int | None = None  # most volumes per process and micro-step (memory); None: no limit
+    sync_bn: bool = False  # BatchNorm statistics over all processes' volumes (SyncBatchNorm; CUDA only)
     lr: float = 5e-4
     weight_decay: float = 0.01  # AdamW's default
     plateau_factor: float = 0.5
@@ -85,7 +94,7 @@ class Profile:
     eval_batch_size: int = 8
     bootstrap: int = 1000  # resamples for per-class AUROC confidence intervals
     # Training volumes on which the ResNet's BatchNorm statistics are recomputed before each validation
-    # (ctlib.train.recalibrate_batchnorm); 0 keeps PyTorch's running averages, the paper's plain loop.
+    # (ctlib.predict.recalibrate_batchnorm); 0 keeps PyTorch's running averages, the paper's plain loop.
     bn_recalibration: int = 0
     max_steps_per_epoch: int | None = None  # cap optimisation steps per epoch (quick checks only)
     # Process-group timeout (torch.distributed.init_process_group): how long a rank waits for the others at
@@ -143,6 +152,7 @@ DEMO = dataclasses.replace(
     vit_heads=4,
     vit_dim_head=32,
     vit_mlp_dim=256,
+    device="auto",  # a GPU when torch can use one, else the CPU (the demo is made for a laptop)
     epochs=3,
     # Trained from scratch for a few hundred steps, the running BatchNorm averages lag the weights and
     # the validation loss that picks the checkpoint and steers the scheduler is then meaningless.
@@ -216,8 +226,13 @@ def validate(profile: Profile, world_size: int = 1) -> None:
         value = getattr(profile, name)
         need(isinstance(value, int) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
     need(world_size >= 1, f"world size must be >= 1, got {world_size}")
-    need(profile.batch_size % world_size == 0,
-         f"batch_size {profile.batch_size} is not divisible by the {world_size} processes")
+    need(profile.device in ("cuda", "cpu", "auto"), f"device must be cuda, cpu or auto, got {profile.device!r}")
+    need(profile.per_gpu_batch is None or (isinstance(profile.per_gpu_batch, int) and profile.per_gpu_batch >= 1),
+         f"per_gpu_batch must be None or a positive integer, got {profile.per_gpu_batch!r}")
+    need(world_size <= profile.batch_size,
+         f"batch_size {profile.batch_size} is smaller than the {world_size} processes: each process needs at least "
+         f"one volume a step; use at most {profile.batch_size} processes, or --set batch_size={world_size} "
+         "(and scale lr)")
     need(profile.max_steps_per_epoch is None or profile.max_steps_per_epoch >= 1,
          f"max_steps_per_epoch must be None or >= 1, got {profile.max_steps_per_epoch!r}")
     need(0.0 <= profile.max_failed_fraction < 1.0,

@@ -120,7 +120,7 @@ def paper_outputs(profile: str, *, data_root: str | Path | None = None, work_dir
 # ---------------------------------------------------------------------------------------------
 # identity
 # ---------------------------------------------------------------------------------------------
-LATER_FIELDS: dict[str, Any] = {"warmup_steps": 0, "compile": False}
+LATER_FIELDS: dict[str, Any] = {"warmup_steps": 0, "compile": False, "sync_bn": False}
 
 
 @dataclass
@@ -140,7 +140,8 @@ class RunSpec:
         d = self.to_dict()
         # Where data and work files live, and how they are read, does not change the result; the rest does.
         d["profile"] = {k: v for k, v in d["profile"].items() if k not in (
-            "work_dir", "num_workers", "prepare_workers", "extra", "dist_timeout_minutes", "max_failed_fraction")}
+            "work_dir", "num_workers", "prepare_workers", "extra", "dist_timeout_minutes", "max_failed_fraction",
+            "device", "per_gpu_batch")}
         # Fields added later are left out at their defaults, so runs made before them keep their fingerprint.
         for name, default in LATER_FIELDS.items():
             if d["profile"].get(name, default) == default:
@@ -185,9 +186,11 @@ def data_description(profile: Profile) -> str:
 
 
 def write_config(spec: RunSpec, data: RunData, out: Path, parts: dict[str, Sized], world: int,
-                 device: torch.device, model: nn.Module) -> None:
-    """A run's ``config.json``, ``profile.json`` and ``splits.csv`` (rank 0, at its start)."""
+                 device: torch.device, model: nn.Module, batching: Mapping[str, int] | None = None) -> None:
+    """A run's ``config.json``, ``profile.json`` and ``splits.csv`` (rank 0, at its start). ``batching``: the
+    batch plan (``ctlib.batching.BatchPlan.to_dict``: effective batch, per-rank batch, accumulation steps)."""
     config = {**spec.to_dict(), "fingerprint": spec.fingerprint(data.key), "data_key": data.key, "world_size": world,
+              **(batching or {}),
               "device": str(device), "weights_used": weights_used(unwrap(model)),
               "data": data_description(spec.profile), "cache_dir": str(data.cache_dir.resolve()),
               "split_file": str(data.split_path.resolve()), "split_sha256": data.split_sha,

@@ -4,7 +4,7 @@ One process per GPU under ``torchrun`` (DistributedDataParallel, NCCL) or one or
 (gloo). BCEWithLogitsLoss, AdamW, ReduceLROnPlateau on the validation loss, best checkpoint by
 validation loss, bf16 autocast on GPU. With ``bn_recalibration > 0`` the BatchNorm statistics of the
 ResNet are recomputed on that many training volumes before each validation (see
-:func:`recalibrate_batchnorm`). Rank 0 alone logs, draws progress bars and writes files.
+:func:`ctlib.predict.recalibrate_batchnorm`). Rank 0 alone logs, draws progress bars and writes files.
 
 The run folder (:mod:`ctlib.runs`) holds ``config.json``, ``history.csv``, ``splits.csv``, ``predictions.csv``
 (test), ``val_predictions.csv``, ``features.npz`` (volume-level features of every volume, for the
@@ -30,12 +30,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import inspect
 import json
 import logging
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +46,17 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from ctlib import atomic
+from ctlib import atomic, gpu
 from ctlib import distributed as dist_utils
+from ctlib.batching import BatchPlan, GlobalBatchSampler, Weighted, plan_batches
 from ctlib.cache import PreparedVolumes
-from ctlib.data import CLASSES
 from ctlib.distributed import NotShared, check_same_start, check_shared_folders
+from ctlib.memory import OutOfMemory, estimate, oom_message
 from ctlib.metrics import score
 from ctlib.models import alpha_beta, build_model, unwrap
+from ctlib.predict import bce, make_loader, predict, recalibrate_batchnorm, to_device
 from ctlib.prepare import CacheNotReady, RunData, load_run_data, prepare_profile
 from ctlib.profiles import CONTROL_MODELS, MODELS, Profile, get_profile, parse_overrides, validate
 from ctlib.runs import (
@@ -66,109 +70,6 @@ from ctlib.runs import (
 from ctlib.split import SplitMismatch
 
 log = logging.getLogger("ctlib.train")
-
-
-# ---------------------------------------------------------------------------------------------
-# reading batches, scoring
-# ---------------------------------------------------------------------------------------------
-def _loader(dataset: Any, *, batch_size: int, sampler: Any, device: torch.device, num_workers: int,
-            persistent: bool = False, generator: torch.Generator | None = None) -> DataLoader:
-    """The DataLoader of training, prediction and recalibration alike: ``num_workers`` reading processes and
-    pinned memory on CUDA (so that the float16 batch crosses to the device asynchronously). Each iterator
-    draws its workers' base seed from ``generator`` (default: the global RNG)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
-                      generator=generator)
-
-
-def to_device(volumes: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A (B, S, H, W) batch, float16 as the cache stores it, to ``device`` and float32 there.
-
-    Half the bytes cross the bus; the cast float16 -> float32 is exact, so the values equal those of a
-    float32 batch made on the host.
-    """
-    return volumes.to(device, non_blocking=True).float()
-
-
-@torch.no_grad()
-def predict(model: nn.Module, dataset: PreparedVolumes | Subset, *, batch_size: int, device: torch.device,
-            bf16: bool = False, progress: bool = False, desc: str = "predict",
-            num_workers: int = 0) -> dict[str, np.ndarray]:
-    """Scores every volume of ``dataset`` exactly once, across all ranks (``num_workers`` loader processes).
-
-    Returns ``index`` (N,), ``logits`` (N, 18), ``probs`` (N, 18), ``labels`` (N, 18) and
-    ``features`` (N, D), sorted by dataset index, identical on every rank.
-    """
-    model.eval()
-    world = dist_utils.world_size()
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=dist_utils.rank(), shuffle=False)
-    loader = _loader(dataset, batch_size=batch_size, sampler=sampler, device=device, num_workers=num_workers)
-    positions = list(iter(sampler))
-    idx_all, out_all, lab_all = [], [], []
-    seen = 0
-    it = tqdm(loader, desc=desc, leave=False, disable=not (progress and dist_utils.is_main()))
-    for volumes, labels, _names in it:
-        n = volumes.shape[0]
-        volumes = to_device(volumes, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-            logits, feats = unwrap(model)(volumes, return_features=True)
-        out_all.append(torch.cat([logits.float(), feats.float()], dim=1).cpu())
-        lab_all.append(labels.float())
-        idx_all.append(torch.as_tensor(positions[seen:seen + n], dtype=torch.long))
-        seen += n
-    idx, out, lab = dist_utils.gather_predictions(torch.cat(idx_all), torch.cat(out_all), torch.cat(lab_all))
-    c = len(CLASSES)
-    logits = out[:, :c].numpy()
-    return {"index": idx.numpy(), "logits": logits, "probs": torch.sigmoid(out[:, :c]).numpy(),
-            "labels": lab.numpy(), "features": out[:, c:].numpy()}
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, dataset: PreparedVolumes | Subset, n_volumes: int, *,
-                          batch_size: int, device: torch.device, seed: int, num_workers: int = 0) -> int:
-    """Recomputes the running statistics of every BatchNorm layer of ``model`` on training data.
-
-    The running mean and variance that ``eval()`` uses are an exponential average (momentum 0.1) of
-    batch statistics taken while the weights moved. Early in training from scratch the weights move
-    fast and that average lags far behind them: the ResNet's validation loss in eval mode then grows
-    epoch by epoch (0.5 -> 1.0 on the demo) while with batch statistics it keeps falling, and "best
-    checkpoint by validation loss" picks undertrained weights. This replaces the running statistics by
-    the exact average over ``n_volumes`` training volumes (a seeded choice, the same on every rank, so
-    every rank ends with the same statistics without communication) under the current weights. Only
-    the BatchNorm layers run in train mode, so dropout and the global RNG are untouched and a resumed
-    run stays identical to an uninterrupted one.
-
-    Returns:
-        The number of volumes used (0 when the model has no BatchNorm layer or ``n_volumes`` is 0).
-    """
-    bns = [m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or n_volumes <= 0:
-        return 0
-    was_training = model.training
-    momenta = [bn.momentum for bn in bns]
-    chosen = np.random.default_rng(seed).permutation(len(dataset))[:n_volumes]
-    unwrap(model).eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over all the batches below
-        bn.train()
-    # Its own generator: the global RNG stays untouched (a resumed run stays identical).
-    loader = _loader(Subset(dataset, chosen.tolist()), batch_size=batch_size, sampler=None, device=device,
-                     num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
-    try:
-        for batch in loader:  # in the chosen order, batch_size at a time; batch[0]: (B, S, H, W)
-            unwrap(model)(to_device(batch[0], device))
-    finally:
-        for bn, momentum in zip(bns, momenta, strict=True):
-            bn.momentum = momentum
-        model.train(was_training)
-    return len(chosen)
-
-
-def _bce(logits: np.ndarray, labels: np.ndarray) -> float:
-    t = torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits),
-                                                             torch.from_numpy(labels))
-    return float(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,15 +119,45 @@ def restore_rng_state(saved: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(saved["cuda_rng"], device)
 
 
-def accelerate(model: nn.Module, profile: Profile, device: torch.device) -> nn.Module:
-    """Layout and compilation that change speed, not the model: channels-last for the ResNet's convolutions
-    on CUDA (cuDNN's fast NHWC kernels), and ``torch.compile`` when ``profile.compile``. Returns the model to
-    train (the compiled wrapper shares its parameters with ``model``)."""
+def channels_last(model: nn.Module, device: torch.device) -> nn.Module:
+    """Channels-last for the ResNet's convolutions on CUDA (cuDNN's fast NHWC kernels). Before the DDP wrap:
+    DDP lays out its gradient buckets from the parameters as they are at wrap time."""
     if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         model = model.to(memory_format=torch.channels_last)
-    if profile.compile:
-        model = torch.compile(model)
     return model
+
+
+def _ddp_optimizer_refuses_checkpoints() -> bool:
+    """True where torch's DDP graph splitting stops at activation checkpoints ("Found a higher order op",
+    older torch); torch 2.14 splits around them."""
+    from torch._dynamo.backends import distributed as ddp_optimizer  # noqa: PLC0415  (only with compile)
+
+    return "Found a higher order op" in inspect.getsource(ddp_optimizer)
+
+
+def compile_model(model: nn.Module, profile: Profile, world: int) -> nn.Module:
+    """``torch.compile`` when ``profile.compile`` (after the DDP wrap); else ``model`` itself.
+
+    Under DDP, compile splits the graph at DDP's gradient buckets so that the all-reduce overlaps the backward
+    pass (``torch._dynamo.config.optimize_ddp``). A torch whose splitting refuses activation checkpoints
+    ("Found a higher order op") gets the splitting turned off with ``gradient_checkpointing``: DDP then
+    all-reduces after the compiled backward (less overlap, the same gradients).
+    """
+    if not profile.compile:
+        return model
+    if world > 1 and profile.gradient_checkpointing and _ddp_optimizer_refuses_checkpoints():
+        torch._dynamo.config.optimize_ddp = False
+        if dist_utils.is_main():
+            log.info("compile + DDP + gradient checkpointing on torch %s: DDP graph splitting off "
+                     "(optimize_ddp=False)", torch.__version__)
+    return torch.compile(model)
+
+
+def accelerate(model: nn.Module, profile: Profile, device: torch.device, world: int = 1) -> nn.Module:
+    """Layout and compilation that change speed, not the model, for a model not wrapped in DDP:
+    :func:`channels_last`, then :func:`compile_model`. Returns the model to train (the compiled wrapper
+    shares its parameters with ``model``)."""
+    return compile_model(channels_last(model, device), profile, world)
 
 
 def make_optimizer(model: nn.Module, profile: Profile, device: torch.device) -> torch.optim.Optimizer:
@@ -243,10 +174,13 @@ def build_training(spec: RunSpec, data: RunData, out: Path, device: torch.device
     profile = spec.profile
     torch.manual_seed(profile.seed)
     model = build_model(profile, spec.model, spec.alpha).to(device)
+    if profile.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the same state dict keys and values
+    model = channels_last(model, device)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    model = accelerate(model, profile, device)
+    model = compile_model(model, profile, world)
     opt = make_optimizer(model, profile, device)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
         opt, mode="min", factor=profile.plateau_factor, patience=profile.plateau_patience)
@@ -297,55 +231,85 @@ def _check_finite(bad_step: torch.Tensor, epoch: int) -> None:
             f"epoch ({epoch}) are kept. Lower lr, or check the data")
 
 
-def train_epoch(t: Training, loader: DataLoader, epoch: int, *, profile: Profile, device: torch.device,
-                progress: bool) -> float:
-    """Step 3, one epoch of the loop; returns the mean training loss over ranks.
+def _no_sync(model: nn.Module, sync: bool) -> AbstractContextManager:
+    """DDP's ``no_sync()`` (gradients accumulate locally) unless ``sync`` or not under DDP."""
+    m = model
+    while not isinstance(m, nn.parallel.DistributedDataParallel):
+        if not hasattr(m, "_orig_mod"):
+            return nullcontext()
+        m = m._orig_mod
+    return nullcontext() if sync else m.no_sync()
 
-    No host synchronisation per step: the loss sum (float64, the same sum as in Python floats) and the first
-    step with a non-finite loss stay on the device and are read every ``LOG_EVERY`` steps and at the end.
-    With ``profile.warmup_steps`` the learning rate of global step g is scaled by :func:`warmup_factor`; the
-    unscaled rate is restored at the end of the epoch, so ReduceLROnPlateau and checkpoints see it.
+
+def train_epoch(t: Training, loader: DataLoader, epoch: int, *, profile: Profile, device: torch.device,
+                progress: bool, plan: BatchPlan | None = None,
+                on_step: Callable[[int], None] | None = None) -> float:
+    """Step 3, one epoch of the loop; returns the mean training loss per volume over all ranks.
+
+    ``loader`` yields this rank's micro-batches ``(volumes, labels, names, weights)``
+    (:class:`ctlib.batching.GlobalBatchSampler` over :class:`ctlib.batching.Weighted`), ``plan.accumulation``
+    per optimisation step. Each micro-batch's loss is ``world * sum(weight * per-volume BCE)``, so that after
+    DDP's mean over ranks the gradient is the mean over the step's volumes; the gradients of all but the last
+    micro-step stay local (``no_sync``).
+
+    No host synchronisation per step: the loss sum (float64) and the first step with a non-finite loss stay on
+    the device and are read every ``LOG_EVERY`` steps and at the end. With ``profile.warmup_steps`` the learning
+    rate of global step g is scaled by :func:`warmup_factor`; the unscaled rate is restored at the end of the
+    epoch, so ReduceLROnPlateau and checkpoints see it. ``on_step(step)`` is called after each optimisation
+    step (the GPU check times the loop with it).
 
     Raises:
         FloatingPointError: a non-finite loss on any rank (every rank stops at the same check), naming the
             epoch and the first bad step; the checkpoints of the last good epoch stay as they are.
     """
+    plan = plan or plan_batches(profile.batch_size, 1)
+    world = dist_utils.world_size()
     use_bf16 = profile.bf16 and device.type == "cuda"
-    loss_fn = nn.BCEWithLogitsLoss()
     t.model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     count = 0
-    steps = len(loader) if profile.max_steps_per_epoch is None else min(len(loader), profile.max_steps_per_epoch)
+    steps = len(loader) // plan.accumulation
     lrs = [g["lr"] for g in t.opt.param_groups]
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{profile.epochs} train", leave=False, total=steps,
+    bar = tqdm(desc=f"epoch {epoch + 1}/{profile.epochs} train", leave=False, total=steps,
                disable=not (progress and dist_utils.is_main()))
+    batches: Iterator = iter(loader)
     try:
-        for step, (volumes, labels, _names) in enumerate(bar):
-            if step >= steps:
-                break
+        for step in range(steps):
             factor = warmup_factor(epoch * steps + step, profile.warmup_steps)
             for g, lr in zip(t.opt.param_groups, lrs, strict=True):
                 g["lr"] = lr * factor
-            volumes, labels = to_device(volumes, device), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = t.model(volumes)
-            loss = loss_fn(logits.float(), labels)
             t.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = torch.zeros((), dtype=torch.float32, device=device)
+            for micro in range(plan.accumulation):
+                volumes, labels, _names, weights = next(batches)
+                real = weights > 0
+                count += int(real.sum())
+                volumes, labels = to_device(volumes, device), labels.to(device, non_blocking=True)
+                weights, real = weights.to(device, non_blocking=True), real.to(device, non_blocking=True)
+                with _no_sync(t.model, sync=micro == plan.accumulation - 1):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        logits = t.model(volumes)
+                    per_volume = nn.functional.binary_cross_entropy_with_logits(
+                        logits.float(), labels, reduction="none").mean(dim=1)
+                    weighted = (per_volume * weights).sum()
+                    (weighted * world).backward()
+                step_loss += weighted.detach()
+                total += (per_volume.detach().double() * real).sum()
             t.opt.step()
-            loss = loss.detach()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
-            total += loss.double() * volumes.shape[0]
-            count += volumes.shape[0]
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(step_loss), step, bad_step)
+            bar.update(1)
+            if on_step is not None:
+                on_step(step)
             if (step + 1) % LOG_EVERY == 0:
                 _check_finite(bad_step, epoch)
-                bar.set_postfix(loss=f"{float(total) / count:.4f}")
+                bar.set_postfix(loss=f"{float(total) / max(count, 1):.4f}")
         _check_finite(bad_step, epoch)
     finally:
+        bar.close()
         for g, lr in zip(t.opt.param_groups, lrs, strict=True):
             g["lr"] = lr
-    return dist_utils.all_reduce_mean(float(total) / max(count, 1))
+    return dist_utils.all_reduce_mean(float(total)) / max(dist_utils.all_reduce_mean(float(count)), 1e-12)
 
 
 def validate_epoch(t: Training, parts: dict[str, Subset], epoch: int, *, profile: Profile, device: torch.device,
@@ -356,7 +320,7 @@ def validate_epoch(t: Training, parts: dict[str, Subset], epoch: int, *, profile
     val = predict(t.model, parts["val"], batch_size=profile.eval_batch_size, device=device,
                   bf16=profile.bf16 and device.type == "cuda", progress=progress, desc=f"epoch {epoch + 1} val",
                   num_workers=profile.num_workers)
-    val_loss = _bce(val["logits"], val["labels"])
+    val_loss = bce(val["logits"], val["labels"])
     t.sched.step(val_loss)
     alpha, beta = alpha_beta(t.model)
     return {"epoch": epoch + 1, "train_loss": math.nan, "val_loss": val_loss,
@@ -387,6 +351,17 @@ def save_epoch(t: Training, row: dict[str, float], out: Path, fp: str, data_key:
              row["seconds"])
 
 
+def check_loader_shm(profile: Profile, model: str, plan: BatchPlan) -> None:
+    """Stops (``ctlib.gpu.ShmTooSmall``) when /dev/shm cannot hold the batches this node's loader workers
+    hand over: ``num_workers`` x 2 prefetched micro-batches of float16 volumes per process."""
+    x, y, _ = profile.image_size(model)
+    batch = plan.per_rank * profile.num_slices * x * y * 2
+    local = dist_utils.env_local_world_size()
+    gpu.check_shm(gpu.shm_needed(batch, num_workers=profile.num_workers, local_processes=local),
+                  what=f"{profile.num_workers} workers x 2 batches of {plan.per_rank} volume(s) of "
+                  f"{profile.num_slices}x{y}x{x} float16 x {local} process(es) on this node")
+
+
 def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool = True,
           after_epoch: Callable[[int], None] | None = None, every_volume: bool = True) -> dict[str, Any] | None:
     """Trains and evaluates one run into ``out``; returns the metrics (on rank 0, else None).
@@ -405,9 +380,19 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
     profile, out = spec.profile, Path(out)
     world_env = dist_utils.env_world_size()
     validate(profile, world_env)
+    # before any data is read or any process group joined: the device, the batch plan, /dev/shm
+    device_type = gpu.resolve_device(profile.device, profile=profile.name)
+    if profile.sync_bn and device_type != "cuda" and world_env > 1:
+        raise ValueError("sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); drop --set sync_bn=true "
+                         "on the CPU")
+    plan = plan_batches(profile.batch_size, world_env, profile.per_gpu_batch)
+    check_loader_shm(profile, spec.model, plan)
     data = run_data(profile, spec.model, world=world_env, progress=progress) if dist_utils.env_rank() == 0 else None
-    rank, world, device = dist_utils.setup(timeout=datetime.timedelta(minutes=profile.dist_timeout_minutes))
+    rank, world, device = dist_utils.setup(timeout=datetime.timedelta(minutes=profile.dist_timeout_minutes),
+                                           device=device_type)
     main = dist_utils.is_main()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every volume has the profile's shape: the fastest kernels, once
     try:
         data = dist_utils.broadcast_object(data)  # every rank uses rank 0's cohort and split
         fp = spec.fingerprint(data.key)
@@ -439,24 +424,34 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
         t = build_training(spec, data, out, device, world)
         check_same_start(t.start_epoch, out / "checkpoints" / "last.pt")  # every rank read the same last.pt
         if main:
-            write_config(spec, data, out, parts, world, device, t.model)
+            write_config(spec, data, out, parts, world, device, t.model, batching=plan.to_dict())
+            log.info("%s; %d optimisation steps per epoch", plan.describe(),
+                     math.ceil(len(parts["train"]) / plan.global_batch))
+            if device.type == "cuda":
+                props = torch.cuda.get_device_properties(device)
+                log.info(estimate(profile, spec.model, plan.per_rank).line(props.total_memory, props.name))
 
-        per_rank = profile.batch_size // world
-        sampler = DistributedSampler(parts["train"], num_replicas=world, rank=rank, shuffle=True,
-                                     seed=profile.seed, drop_last=False)
-        loader = _loader(parts["train"], batch_size=per_rank, sampler=sampler, device=device,
-                         num_workers=profile.num_workers, persistent=True)
-        for epoch in range(t.start_epoch, profile.epochs):
-            t0 = time.time()
-            sampler.set_epoch(epoch)
-            train_loss = train_epoch(t, loader, epoch, profile=profile, device=device, progress=progress)
-            row = validate_epoch(t, parts, epoch, profile=profile, device=device, progress=progress,
-                                 per_rank=per_rank)
-            row.update(train_loss=train_loss, seconds=time.time() - t0)
-            save_epoch(t, row, out, fp, data.key, profile.epochs)
-            dist_utils.barrier()
-            if after_epoch is not None:
-                after_epoch(epoch)
+        sampler = GlobalBatchSampler(len(parts["train"]), plan, rank, seed=profile.seed,
+                                     max_steps=profile.max_steps_per_epoch, fixed_size=profile.compile)
+        loader = make_loader(Weighted(parts["train"]), batch_sampler=sampler, device=device,
+                             num_workers=profile.num_workers, persistent=True)
+        try:
+            for epoch in range(t.start_epoch, profile.epochs):
+                t0 = time.time()
+                sampler.set_epoch(epoch)
+                train_loss = train_epoch(t, loader, epoch, profile=profile, device=device, progress=progress,
+                                         plan=plan)
+                row = validate_epoch(t, parts, epoch, profile=profile, device=device, progress=progress,
+                                     per_rank=plan.per_rank)
+                row.update(train_loss=train_loss, seconds=time.time() - t0)
+                save_epoch(t, row, out, fp, data.key, profile.epochs)
+                dist_utils.barrier()
+                if after_epoch is not None:
+                    after_epoch(epoch)
+        except torch.OutOfMemoryError as err:  # answered once, with the batch that fits; not retried
+            props = torch.cuda.get_device_properties(device)
+            raise OutOfMemory(oom_message(profile, spec.model, plan.per_rank, device_bytes=props.total_memory,
+                                          device_name=props.name, world=world)) from err
         scored = dataset if every_volume else Subset(
             dataset, np.flatnonzero(data.splits.isin(["val", "test"]).to_numpy()).tolist())
         return evaluate_best(spec, data, scored, t, out, device=device, progress=progress)
@@ -501,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None, help="where synthetic data and caches go (default: profile)")
     p.add_argument("--out", required=True, help="run folder (created; a run there is resumed)")
     p.add_argument("--seed", type=int, default=None, help="shorthand for --set seed=N")
+    p.add_argument("--device", choices=gpu.DEVICES, default=os.environ.get("CTLIB_DEVICE") or None,
+                   help="shorthand for --set device=...: cuda (stop when torch cannot use a GPU), cpu, auto; "
+                   "default: $CTLIB_DEVICE, else the profile's (cuda for paper and paper480, auto for demo and smoke)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a profile field, e.g. --set epochs=3 --set lr=1e-3")
     p.add_argument("--redo", action="store_true", help="discard a finished or partial run in --out")
@@ -533,10 +531,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides["work_dir"] = args.work_dir
     if args.seed is not None:
         overrides["seed"] = str(args.seed)
+    if args.device is not None:
+        overrides["device"] = args.device
     try:
         profile = get_profile(args.profile, **overrides)
         validate(profile, dist_utils.env_world_size())
-    except ValueError as err:
+        gpu.resolve_device(profile.device, profile=profile.name)  # at once, before anything else
+    except (ValueError, gpu.DeviceUnusable) as err:
         raise SystemExit(f"error: {err}") from None
     alpha = parse_alpha(args.alpha)
     if args.model != "fusion" and args.alpha != "1.0":
@@ -544,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(RunSpec(profile, args.model, alpha), args.out, redo=args.redo, progress=not args.no_progress,
               every_volume=args.score == "all")
-    except (CacheNotReady, SplitMismatch, NotShared, ValueError) as err:  # said plainly, without a traceback
+    except (CacheNotReady, SplitMismatch, NotShared, ValueError, gpu.DeviceUnusable, gpu.ShmTooSmall,
+            OutOfMemory) as err:  # said plainly, without a traceback
         raise SystemExit(f"error: {err}") from None
     return 0
 

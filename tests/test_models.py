@@ -461,3 +461,35 @@ def test_benchmark_measures_a_tiny_configuration(monkeypatch) -> None:
         rows.append((cfg, result))
     text = bench.table(rows)
     assert "fusion" in text and "bf16+ckpt" in text and "1.00" in text
+
+
+def test_resnet_gradient_checkpointing_gives_the_same_gradients_and_batchnorm_statistics():
+    import copy
+
+    torch.manual_seed(0)
+    plain = ResNet2D()
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing = True
+    x = torch.rand(2, 3, 40, 40)
+    for m in (plain, ckpt):
+        m.train()
+        m(x).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-6, msg=name)
+    # recomputation in the backward pass does not count the batch twice in the running statistics
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    from ctlib.memory import saved_bytes
+
+    assert saved_bytes(ckpt, x)["activations"] < saved_bytes(plain, x)["activations"] / 3
+
+
+def test_vit_residual_stream_follows_autocast():
+    """The float32 position parameters must not promote the tokens to float32 under bf16 autocast."""
+    net = ViT3D(image_size=16, patch_size=8, max_slices=3, dim=16, spatial_depth=1, slice_depth=1, heads=2,
+                dim_head=8, mlp_dim=32)
+    seen = []
+    net.spatial[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.rand(1, 3, 16, 16))
+    assert seen == [torch.bfloat16]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ctlib.data import CLASSES
-from ctlib.train import predict
+from ctlib.predict import predict
 
 C = len(CLASSES)
 

@@ -78,8 +78,8 @@ def _entries(folder: Path) -> dict[str, bytes]:
 
 
 def _readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Reproducing the paper on CT-RATE with GPUs"):]
+    text = (REPO / "docs/ctrate.md").read_text()
+    section = text[text.index("## Run the paper on CT-RATE"):]
     section = section[:section.index("\n## ", 5)]
     lines = re.sub(r"\\\n\s*", " ", section).splitlines()
     return [ln.strip() for ln in lines if ln.strip().startswith(("python -m ctlib.prepare", "torchrun"))]

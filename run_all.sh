@@ -2,6 +2,7 @@
 # Reproduce the paper: every notebook, in order, headless with papermill.
 #
 #   bash run_all.sh                      # the whole paper on the embedded synthetic data (demo profile)
+#   bash run_all.sh --only 09            # the opt-in 3D-context sweep (notebook 09; not in the default run)
 #   bash run_all.sh --tests              # set up, then run the test suite
 #   bash run_all.sh --lab                # set up, then JupyterLab in notebooks/ (127.0.0.1, with a token)
 #   bash run_all.sh --profile paper --data-root /data/CT-RATE    # CT-RATE on all visible GPUs
@@ -36,12 +37,15 @@ LAB_PORT=""
 TORCH_INDEX=""
 PRINT_INSTALL=0
 LOCK="$HERE/requirements-lock.txt"
+OPT_IN=",09,"  # notebooks that run only when --only names them
 
 usage() {
   cat <<'EOF'
 Usage: bash run_all.sh [options]
 
-Runs notebooks/01..08 with papermill for one profile and reports what was produced.
+Runs notebooks/01..08 with papermill for one profile and reports what was produced. Notebook 09 (the
+3D-context sweep over the lung-nodule cue's strength: 36 training runs at the demo's size) is opt-in:
+it runs only when named, e.g. --only 09.
 
 Options:
   --profile NAME    smoke | demo (default) | paper | paper480
@@ -59,7 +63,7 @@ Options:
                     and the DataLoader workers starve)
   --runs-at-once N  training runs side by side on a CPU-only machine (default: from the cores, two on
                     two cores, one thread each; 1: one after another with all cores)
-  --only LIST       run only these notebooks, e.g. --only 01,06
+  --only LIST       run only these notebooks, e.g. --only 01,06 (opt-in notebooks, 09, run only so)
   --out DIR         root for data/, runs/, figures/, results/ (default: this folder)
   --notebooks DIR   the notebooks to run (default: notebooks/)
   --redo            retrain runs whose results already exist (default: reuse them)
@@ -292,6 +296,7 @@ notebooks=("$NB_DIR"/[0-9][0-9]_*.ipynb)
 for nb in "${notebooks[@]}"; do
   name="$(basename "$nb" .ipynb)"
   if [[ -n "$ONLY" && ",$ONLY," != *",${name:0:2},"* ]]; then continue; fi
+  if [[ -z "$ONLY" && "$OPT_IN" == *",${name:0:2},"* ]]; then continue; fi
   log "=== $name (profile $PROFILE, seed $SEED)"
   t0=$SECONDS
   # papermill's CLI, with the kernel's ZeroMQ transport encrypted where supported (see the script)

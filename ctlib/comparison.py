@@ -36,6 +36,8 @@ from ctlib.synthetic.signatures import class_groups
 
 __all__ = [
     "check_paired",
+    "seed_mean_paired_auroc",
+    "slope",
     "class_groups_for",
     "compare_predictions",
     "group_auroc",
@@ -226,6 +228,86 @@ def paired_bootstrap_auroc(
     frame = pd.DataFrame(rows, columns=["group", "auroc_a", "auroc_b", "diff", "diff_low", "diff_high", "p_boot",
                                         "n_classes", "n_resamples"])
     return frame.set_index("group")
+
+
+def seed_mean_paired_auroc(
+    labels: Any,
+    pairs: Sequence[tuple[Any, Any]],
+    patients: Sequence[Any] | np.ndarray | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    *,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    classes: Sequence[str] = CLASSES,
+) -> pd.DataFrame:
+    """The mean over training seeds of a paired difference, macro AUROC(A_s) - AUROC(B_s), on one test set.
+
+    Every seed's pair of models scored the same volumes; each resample of test patients is applied to every
+    pair at once, so the interval is that of the seed-mean difference over test sampling (the spread between
+    seeds is each pair's own business: report the per-seed differences beside it).
+
+    Args:
+        labels: (N, C) 0/1.
+        pairs: per seed, (probs of A, probs of B), each (N, C), rows the same volumes as ``labels``.
+        patients, groups, n_boot, ci, seed, classes: as :func:`paired_bootstrap_auroc`.
+
+    Returns:
+        DataFrame indexed by ``group`` with columns ``diff`` (mean over seeds on all data), ``diff_low``,
+        ``diff_high``, ``p_boot`` (fraction of resamples with a mean difference <= 0), ``n_seeds``.
+    """
+    classes = tuple(classes)
+    _check_ci(ci)
+    if not pairs:
+        raise ValueError("no (A, B) pairs to compare")
+    sets = _class_sets(groups, classes)
+    weights = None
+    diffs: dict[str, list[np.ndarray]] = {name: [] for name in sets}
+    points: dict[str, list[float]] = {name: [] for name in sets}
+    for k, (pa, pb) in enumerate(pairs):
+        y, pa = check_arrays(labels, pa, classes, what=f"model A of pair {k}")
+        _, pb = check_arrays(labels, pb, classes, what=f"model B of pair {k}")
+        if weights is None:
+            weights = _resample_weights(y.shape[0], patients, n_boot, seed)
+        boot_a, boot_b = _boot_per_class(y, pa, weights), _boot_per_class(y, pb, weights)
+        point = auroc_rank(y, pa) - auroc_rank(y, pb)
+        for name, idx in sets.items():
+            diffs[name].append(_nanmean(boot_a[:, idx], axis=1) - _nanmean(boot_b[:, idx], axis=1))
+            points[name].append(float(np.nanmean(point[idx])))
+    rows = []
+    for name in sets:
+        mean_boot = np.mean(np.stack(diffs[name]), axis=0)
+        low, high, _ = _percentiles(mean_boot, ci)
+        valid = mean_boot[~np.isnan(mean_boot)]
+        rows.append((name, float(np.mean(points[name])), low, high,
+                     float(np.mean(valid <= 0.0)) if valid.size else math.nan, len(pairs)))
+    return pd.DataFrame(rows, columns=["group", "diff", "diff_low", "diff_high", "p_boot", "n_seeds"]).set_index("group")
+
+
+def slope(x: Sequence[float], y: Sequence[float], *, ci: float = 0.95) -> dict[str, float]:
+    """Least-squares slope of ``y`` on ``x`` with its t interval (n - 2 degrees of freedom).
+
+    For the sweep's slope of a paired difference over lambda, one point per (lambda, seed): the interval
+    then holds the seed-to-seed and test-sampling scatter of the points around the line.
+
+    Returns:
+        ``{"slope", "slope_low", "slope_high", "intercept", "n"}`` (NaN interval with fewer than 3 points).
+    """
+    from scipy import stats
+
+    xv, yv = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(xv) & np.isfinite(yv)
+    xv, yv = xv[keep], yv[keep]
+    n = int(xv.size)
+    if n < 2 or np.ptp(xv) == 0:
+        return {"slope": math.nan, "slope_low": math.nan, "slope_high": math.nan, "intercept": math.nan, "n": n}
+    fit = stats.linregress(xv, yv)
+    if n < 3:
+        return {"slope": float(fit.slope), "slope_low": math.nan, "slope_high": math.nan,
+                "intercept": float(fit.intercept), "n": n}
+    t = float(stats.t.ppf(0.5 + ci / 2.0, n - 2))
+    return {"slope": float(fit.slope), "slope_low": float(fit.slope - t * fit.stderr),
+            "slope_high": float(fit.slope + t * fit.stderr), "intercept": float(fit.intercept), "n": n}
 
 
 def check_paired(

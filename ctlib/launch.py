@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -22,6 +23,7 @@ import torch
 
 from ctlib import gpu
 from ctlib.prepare import prepare_profile
+from ctlib.profiles import PROFILES, Profile
 from ctlib.runs import LEARNED_2D, PaperOutputs, RunSpec, run_is_complete, scored_every_volume, table_run
 
 
@@ -31,6 +33,31 @@ def fusion_settings(alpha: float | str | None) -> tuple[float | str, dict[str, A
     if alpha == LEARNED_2D:
         return "learned", {"learn_2d_weight": True}
     return (1.0 if alpha is None else alpha), {}
+
+
+def profile_overrides(profile: Profile) -> list[str]:
+    """``FIELD=VALUE`` (JSON) for every field of ``profile`` that differs from the profile of its name, except
+    those passed on their own (``data_root``, ``work_dir``, ``seed``): what ``--set`` needs to rebuild it."""
+    base = PROFILES.get(profile.name, Profile())
+    out = []
+    for f in dataclasses.fields(Profile):
+        if f.name in ("name", "extra", "data_root", "work_dir", "seed"):
+            continue
+        value = getattr(profile, f.name)
+        if value != getattr(base, f.name):
+            out.append(f"{f.name}={json.dumps(list(value) if isinstance(value, tuple) else value)}")
+    return out
+
+
+def step_budget(profile: Profile, steps: int, n_train: int) -> Profile:
+    """``profile`` trained for about ``steps`` optimisation steps on ``n_train`` training volumes: the fewest
+    epochs that hold them (one pass is ``ceil(n_train / batch_size)`` steps) and ``max_steps_per_epoch`` to
+    match (at least ``steps`` in all, less than one epoch's worth more)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    per_pass = max(1, math.ceil(int(n_train) / profile.batch_size))
+    epochs = math.ceil(steps / per_pass)
+    return dataclasses.replace(profile, epochs=epochs, max_steps_per_epoch=math.ceil(steps / epochs))
 
 
 def default_processes() -> int:
@@ -231,7 +258,7 @@ def train_runs(outputs: PaperOutputs, runs: Sequence[tuple[str, float | str | No
         commands[run_dir.name] = torchrun_command(
             profile=prof.name, model=model, alpha=alpha, out=run_dir, processes=processes,
             data_root=prof.data_root, work_dir=prof.work_dir, seed=outputs.seed, redo=redo, launcher=launcher,
-            every_volume=every)
+            every_volume=every, overrides=profile_overrides(prof))
     if at_once is None:
         at_once, threads = concurrent_runs(len(commands), processes=processes, launcher=launcher)
     else:

@@ -38,6 +38,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -52,14 +53,15 @@ import pandas as pd
 from ctlib import atomic, synthetic
 from ctlib.cache import PreparationError, PrepareReport, cache_dir, check_entry, prepare, prepared_path
 from ctlib.data import DataError, load_cohort
-from ctlib.preprocess import PREPROCESSING_VERSION, Preprocessing
+from ctlib.preprocess import PREPROCESSING_VERSION, Preprocessing, _window
 from ctlib.profiles import MODELS, PROFILES, Profile, get_profile, parse_overrides, validate
-from ctlib.split import FixedSplit, SplitMismatch, fixed_split, sha256, split_file
+from ctlib.split import FixedSplit, SplitMismatch, fixed_split, read_test_patients, sha256, split_file
 
 log = logging.getLogger(__name__)
 
 # The profile fields that decide what is prepared (snapshot, split, caches); the rest concern training.
 PREPARATION_FIELDS = ("synthetic_patients", "synthetic_shape", "synthetic_spacing", "synthetic_seed",
+                      "synthetic_test_patients", "context_strength",
                       "max_failed_fraction", "size_2d", "size_3d", "num_slices", "hu_range", "target_spacing",
                       "fractions", "split_seed")
 
@@ -68,11 +70,37 @@ class CacheNotReady(RuntimeError):
     """The cache or split a run needs is missing or incomplete; the message gives the command to prepare it."""
 
 
+def context_grid(profile: Profile) -> tuple[int, int, int]:
+    """``(group, first, stop)``: the profile's model slices on its synthetic volumes, for the lung-nodule
+    columns (:class:`ctlib.synthetic.column.ContextGrid`). ``group`` generated slices make one model slice
+    (target z spacing / generated z spacing, rounded; 1 without resampling), and the preprocessing keeps the
+    model slices ``[first, stop)`` (:func:`ctlib.preprocess.to_model_frame`'s windows for the ViT's input;
+    the ResNet's differs in-plane only). A positive and its negative twin are the same set of model slices
+    when ``group`` is exact (demo, smoke, paper); a profile that upsamples in z (paper480) interpolates across
+    the columns' slots, and its grid is only approximate (group 1, the generated slices the window covers)."""
+    nz, sz = profile.synthetic_shape[2], float(profile.synthetic_spacing[2])
+    tz = sz if profile.target_spacing is None else float(profile.target_spacing[2])
+    n = max(1, math.floor(nz * sz / tz + 0.5))
+    size = profile.image_size("vit3d")[2]
+    off, start, stop = _window(n, size)
+    first = (size - profile.num_slices) // 2
+    lo = first + off + max(0, start - first)
+    hi = first + off + min(profile.num_slices, stop - first)
+    if tz >= sz:
+        return max(1, round(tz / sz)), max(lo, 0), min(hi, n)
+    return 1, max(0, math.ceil(lo * tz / sz)), min(nz, math.floor(hi * tz / sz))
+
+
 def synthetic_root(profile: Profile) -> Path:
-    """Where the profile's synthetic snapshot lives (one folder per generator setting)."""
+    """Where the profile's synthetic snapshot lives (one folder per generator setting: size, seed, held-out
+    test patients, the lung-nodule cue's strength and the slice grid it is aligned to)."""
     x, y, z = profile.synthetic_shape
     sx, sy, sz = profile.synthetic_spacing
     key = f"p{profile.synthetic_patients}-{x}x{y}x{z}-{sx:g}x{sy:g}x{sz:g}mm-seed{profile.synthetic_seed}"
+    if profile.synthetic_test_patients:
+        key += f"-test{profile.synthetic_test_patients}"
+    group, first, stop = context_grid(profile)
+    key += f"-ctx{profile.context_strength:g}-g{group}s{first}-{stop}"
     return Path(profile.work_dir) / "synthetic" / key
 
 
@@ -97,7 +125,9 @@ def ensure_dataset(profile: Profile, *, progress: bool = True) -> Path:
     log.info("generating the synthetic CT-RATE snapshot in %s", root)
     synthetic.generate(tmp, n_patients=profile.synthetic_patients, shape=profile.synthetic_shape,
                        spacing=profile.synthetic_spacing, seed=profile.synthetic_seed,
-                       workers=profile.prepare_workers, progress=progress)
+                       workers=profile.prepare_workers, progress=progress,
+                       test_patients=profile.synthetic_test_patients,
+                       context_strength=profile.context_strength, context_grid=context_grid(profile))
     root.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, root)
     return root
@@ -144,7 +174,8 @@ def profile_split(profile: Profile, cohort: pd.DataFrame | None = None) -> Fixed
     """
     if cohort is None:
         cohort = load_cohort(ensure_dataset(profile, progress=False))
-    return fixed_split(profile_split_file(profile), cohort, fractions=profile.fractions, seed=profile.split_seed)
+    return fixed_split(profile_split_file(profile), cohort, fractions=profile.fractions, seed=profile.split_seed,
+                       test_patients=read_test_patients(snapshot_root(profile)))
 
 
 def prepare_command(profile: Profile) -> str:

@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,9 @@ __all__ = ["SPLITS", "FixedSplit", "SplitMismatch", "class_table", "cohort_sha",
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Beside a snapshot's ``dataset/`` (outside CT-RATE's format): patients held out for the test split, one per
+#: line (e.g. ``valid_41``); the synthetic generator writes it (``generate(..., test_patients=N)``).
+TEST_PATIENTS_TXT = "test_patients.txt"
 
 
 class SplitMismatch(RuntimeError):
@@ -38,7 +41,8 @@ class SplitMismatch(RuntimeError):
 
 
 def split_patients(
-    cohort: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0
+    cohort: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0,
+    test_patients: Collection[str] | None = None,
 ) -> pd.Series:
     """Train/val/test split by patient, stratified over the 18 labels (paper: 70:20:10).
 
@@ -46,10 +50,15 @@ def split_patients(
     iterative multilabel stratification (Sechidis et al. 2011, ``iterstrat``) on their label vector, the OR
     over their volumes, after a seeded shuffle. With 3 or more patients every split is non-empty.
 
+    With ``test_patients`` (a held-out test set, e.g. the synthetic snapshot's ``test_patients.txt``), those
+    patients are the test split and the others are split into train and val in the ratio
+    ``fractions[0] : fractions[1]`` (``fractions[2]`` is then unused).
+
     Args:
         cohort: DataFrame with ``patient`` and the ``CLASSES`` columns (n volumes).
         fractions: (train, val, test), positive, summing to 1.
         seed: the split is a deterministic function of cohort and seed.
+        test_patients: patient ids (``valid_41``) held out for the test split; None or empty: none.
 
     Returns:
         Series of 'train'/'val'/'test' (n,), indexed like ``cohort``, named ``split``.
@@ -68,24 +77,29 @@ def split_patients(
     if len(cohort) == 0:
         raise ValueError("cannot split an empty cohort")
 
-    per_patient = cohort.groupby("patient", sort=True)[list(CLASSES)].max()
+    held = set(test_patients or ())
+    per_patient = cohort[~cohort["patient"].isin(held)].groupby("patient", sort=True)[list(CLASSES)].max()
+    names = SPLITS if not held else SPLITS[:2]
+    if held:
+        r = r[:2] / r[:2].sum()
     patients = per_patient.index.to_numpy()
-    y = per_patient.to_numpy() > 0
-    rng = np.random.RandomState(seed)
-    order = rng.permutation(len(patients))
-    folds = np.empty(len(patients), dtype=np.int64)
-    folds[order] = IterativeStratification(labels=y[order], r=r, random_state=rng)
+    split_of = {p: "test" for p in held}
+    if len(patients):
+        y = per_patient.to_numpy() > 0
+        rng = np.random.RandomState(seed)
+        order = rng.permutation(len(patients))
+        folds = np.empty(len(patients), dtype=np.int64)
+        folds[order] = IterativeStratification(labels=y[order], r=r, random_state=rng)
 
-    if len(patients) >= 3:
-        # Tiny cohorts: the algorithm may leave a small split empty; move in the patient with the fewest
-        # positives from the largest split (least harm to the stratification).
-        for f in range(3):
-            if not np.any(folds == f):
-                donor = np.bincount(folds, minlength=3).argmax()
-                candidates = order[folds[order] == donor]
-                folds[candidates[np.argmin(y[candidates].sum(axis=1))]] = f
-
-    split_of = dict(zip(patients.tolist(), (SPLITS[f] for f in folds), strict=True))
+        if len(patients) >= len(names):
+            # Tiny cohorts: the algorithm may leave a small split empty; move in the patient with the fewest
+            # positives from the largest split (least harm to the stratification).
+            for f in range(len(names)):
+                if not np.any(folds == f):
+                    donor = np.bincount(folds, minlength=len(names)).argmax()
+                    candidates = order[folds[order] == donor]
+                    folds[candidates[np.argmin(y[candidates].sum(axis=1))]] = f
+        split_of.update(zip(patients.tolist(), (names[f] for f in folds), strict=True))
     return pd.Series([split_of[p] for p in cohort["patient"].tolist()], index=cohort.index, name="split",
                      dtype="str")
 
@@ -147,17 +161,34 @@ class FixedSplit:
     sha: str  # SHA-256 of the split CSV: part of every run's fingerprint
 
 
-def fixed_split(path: Path, cohort: pd.DataFrame, *, fractions: Sequence[float], seed: int) -> FixedSplit:
+def read_test_patients(root: str | os.PathLike[str]) -> list[str]:
+    """The held-out test patients listed in ``root/test_patients.txt`` (``root`` holds ``dataset/``; the
+    ``dataset/`` folder itself is accepted); [] when there is no such file."""
+    root = Path(root)
+    if root.name == "dataset" and not (root / TEST_PATIENTS_TXT).is_file():
+        root = root.parent
+    path = root / TEST_PATIENTS_TXT
+    if not path.is_file():
+        return []
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def fixed_split(path: Path, cohort: pd.DataFrame, *, fractions: Sequence[float], seed: int,
+                test_patients: Collection[str] | None = None) -> FixedSplit:
     """The snapshot's one split: read from ``path`` (:func:`split_file`), or made over the full labelled
-    ``cohort`` (:func:`split_patients` with ``fractions`` and ``seed``) and written there.
+    ``cohort`` (:func:`split_patients` with ``fractions``, ``seed`` and the held-out ``test_patients``) and
+    written there.
 
     Raises:
-        SplitMismatch: the file exists but was made from another cohort (files added or removed on disk).
+        SplitMismatch: the file exists but was made from another cohort (files added or removed on disk) or
+            another held-out test set.
     """
     meta = path.with_suffix(".json")
     csha = cohort_sha(cohort)
+    held = sorted(set(test_patients or ()))
+    hsha = sha256("\n".join(held).encode()) if held else None
     if not path.is_file():
-        splits = split_patients(cohort, fractions=tuple(fractions), seed=seed)
+        splits = split_patients(cohort, fractions=tuple(fractions), seed=seed, test_patients=held)
         text = pd.DataFrame({"VolumeName": cohort["VolumeName"], "patient": cohort["patient"],
                              "split": splits.to_numpy()}).to_csv(index=False)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +196,8 @@ def fixed_split(path: Path, cohort: pd.DataFrame, *, fractions: Sequence[float],
         # Both are created only if absent, so concurrent preparers (shards) never write the same file.
         meta_text = json.dumps({"cohort_sha256": csha, "split_sha256": sha256(text.encode()),
                                 "n_volumes": len(cohort), "n_patients": int(cohort["patient"].nunique()),
-                                "fractions": list(fractions), "split_seed": seed},
+                                "fractions": list(fractions), "split_seed": seed,
+                                **({"test_patients": len(held), "test_patients_sha256": hsha} if held else {})},
                                indent=2) + "\n"
         if not _create_once(meta, meta_text) and json.loads(meta.read_text()).get("cohort_sha256") != csha:
             atomic.write_text(meta, meta_text)  # left by a killed call on another cohort, before its CSV existed
@@ -173,6 +205,11 @@ def fixed_split(path: Path, cohort: pd.DataFrame, *, fractions: Sequence[float],
             log.info("wrote the split of %d volumes to %s", len(cohort), path)
     raw = path.read_bytes()
     info = json.loads(meta.read_text()) if meta.is_file() else {}
+    if info.get("cohort_sha256") == csha and info.get("test_patients_sha256") != hsha:
+        raise SplitMismatch(
+            f"{path} was made with {info.get('test_patients', 0)} held-out test patients, the snapshot now lists "
+            f"{len(held)} ({TEST_PATIENTS_TXT}): start anew with another --work-dir or split_seed (or delete "
+            f"{path} and its runs).")
     if info.get("cohort_sha256") != csha:
         raise SplitMismatch(
             f"the labelled cohort on disk ({len(cohort)} volumes) is not the one {path} was made from (cohort "

@@ -10,6 +10,8 @@ has a column of its own (``f1_weighted (CT-CLIP)``), apart from the macro F1 of 
   e.g. ``"2D"``/``"3D"``), from the runs' ``predictions.csv``.
 - :func:`paired_table`: paired bootstrap differences (fusion - ResNet; alpha - alpha 0) per comparison
   and class group, the same test patients resampled for both runs.
+- :func:`context_rows`, :func:`context_differences`, :func:`context_slope`: notebook 09's sweep over the
+  lung-nodule cue's strength (``results/<tag>/context_sweep.csv`` and its endpoints).
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ctlib.comparison import compare_predictions, group_auroc, patients_of
+from ctlib.comparison import (
+    check_paired,
+    compare_predictions,
+    group_auroc,
+    paired_bootstrap_auroc,
+    patients_of,
+    seed_mean_paired_auroc,
+    slope,
+)
 from ctlib.runs import read_predictions
 
 
@@ -172,6 +182,98 @@ def paired_table(
         frames[label] = compare_predictions(_predictions(run_a), _predictions(run_b), groups, n_boot=n_boot,
                                             seed=seed, what=what)
     return pd.concat(frames, names=["comparison"])
+
+
+#: Columns of ``context_sweep.csv``: one row per (lambda, seed, model, class group); the last three (the paired
+#: difference to the ResNet of the same lambda and seed, on the same test volumes) are empty for the ResNet.
+CONTEXT_COLUMNS = ("lambda", "seed", "model", "group", "auroc", "auroc_low", "auroc_high", "delta_vs_resnet",
+                   "delta_low", "delta_high")
+
+
+def context_rows(
+    lam: float,
+    seed: int,
+    runs: Mapping[str, RunSource],
+    groups: Mapping[str, Sequence[str]],
+    *,
+    reference: str = "ResNet",
+    n_boot: int = 1000,
+    boot_seed: int = 0,
+) -> pd.DataFrame:
+    """The sweep's rows of one (lambda, seed): per model and class group, macro AUROC with its 95% bootstrap
+    interval and the paired difference to ``reference`` (test patients resampled, the same resamples for both).
+
+    Args:
+        lam: the cue's strength the runs were trained and tested at; seed: their training seed.
+        runs: model label (``"ResNet"``, ``"ViT"``, ``"fusion"``, ...) -> run folder, ``predictions.csv`` or
+            frame; every run must hold the same test volumes as ``reference`` (ValueError otherwise).
+        groups: class groups (``ctlib.synthetic.class_groups()``); a row per group, no ``"all"`` row.
+
+    Returns:
+        DataFrame with :data:`CONTEXT_COLUMNS`.
+    """
+    if reference not in runs:
+        raise ValueError(f"the reference run {reference!r} is not among {sorted(runs)}")
+    preds = {label: read_predictions(_predictions(run)) for label, run in runs.items()}
+    names_r, y, p_ref = preds[reference]
+    patients = patients_of(names_r)
+    rows = []
+    for label, (names, y_m, p) in preds.items():
+        check_paired(names, y_m, names_r, y, what=(label, reference))
+        g = group_auroc(y, p, groups, patients, n_boot=n_boot, seed=boot_seed)
+        d = None if label == reference else paired_bootstrap_auroc(y, p, p_ref, patients, groups, n_boot=n_boot,
+                                                                   seed=boot_seed)
+        for group in groups:
+            rows.append({"lambda": float(lam), "seed": int(seed), "model": label, "group": group,
+                         "auroc": g.at[group, "auroc"], "auroc_low": g.at[group, "auroc_low"],
+                         "auroc_high": g.at[group, "auroc_high"],
+                         "delta_vs_resnet": math.nan if d is None else d.at[group, "diff"],
+                         "delta_low": math.nan if d is None else d.at[group, "diff_low"],
+                         "delta_high": math.nan if d is None else d.at[group, "diff_high"]})
+    return pd.DataFrame(rows, columns=list(CONTEXT_COLUMNS))
+
+
+def context_differences(
+    runs: Mapping[float, Mapping[int, Mapping[str, RunSource]]],
+    groups: Mapping[str, Sequence[str]],
+    *,
+    model: str = "fusion",
+    reference: str = "ResNet",
+    n_boot: int = 1000,
+    boot_seed: int = 0,
+) -> pd.DataFrame:
+    """Per lambda and class group, the seed-mean paired difference ``model`` - ``reference`` with its 95%
+    interval over test patients (:func:`ctlib.comparison.seed_mean_paired_auroc`): the primary endpoint is
+    its row at lambda = 1, group ``"3D"``.
+
+    Args:
+        runs: lambda -> seed -> model label -> run folder (or ``predictions.csv``, or frame).
+
+    Returns:
+        DataFrame indexed by (``lambda``, ``group``) with columns diff, diff_low, diff_high, p_boot, n_seeds.
+    """
+    frames = {}
+    for lam, by_seed in runs.items():
+        pairs, first = [], None
+        for seed_runs in by_seed.values():
+            names, y, p_m = read_predictions(_predictions(seed_runs[model]))
+            names_r, y_r, p_r = read_predictions(_predictions(seed_runs[reference]))
+            check_paired(names, y, names_r, y_r, what=(model, reference))
+            if first is None:
+                first = (names_r, y_r)
+            else:
+                check_paired(names_r, y_r, *first, what=("one seed", "another"))
+            pairs.append((p_m, p_r))
+        frames[float(lam)] = seed_mean_paired_auroc(first[1], pairs, patients_of(first[0]), groups, n_boot=n_boot,
+                                                    seed=boot_seed).drop(index="all")
+    return pd.concat(frames, names=["lambda"])
+
+
+def context_slope(sweep: pd.DataFrame, *, model: str = "fusion", group: str = "3D") -> dict[str, float]:
+    """Slope over lambda of ``model``'s paired difference to the ResNet in ``group`` (one point per lambda and
+    seed of :func:`context_rows`'s table), with its 95% t interval (:func:`ctlib.comparison.slope`)."""
+    rows = sweep[(sweep["model"] == model) & (sweep["group"] == group)]
+    return slope(rows["lambda"].to_numpy(), rows["delta_vs_resnet"].to_numpy())
 
 
 def save_table(df: pd.DataFrame, stem: str | Path, *, floatfmt: str = ".3f", index: bool = True) -> tuple[Path, Path]:

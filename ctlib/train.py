@@ -58,7 +58,7 @@ from ctlib.metrics import score
 from ctlib.models import alpha_beta, build_model, unwrap
 from ctlib.predict import bce, make_loader, predict, recalibrate_batchnorm, to_device
 from ctlib.prepare import CacheNotReady, RunData, load_run_data, prepare_profile
-from ctlib.profiles import MODELS, Profile, get_profile, parse_overrides, validate
+from ctlib.profiles import CONTROL_MODELS, MODELS, Profile, get_profile, parse_overrides, validate
 from ctlib.runs import (
     RunSpec,
     run_is_complete,
@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--profile", default="demo", help="smoke, demo, paper or paper480")
-    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--model", required=True, choices=MODELS + CONTROL_MODELS)
     p.add_argument("--alpha", default="1.0",
                    help="fusion only: weight of the 3D residual, a number or 'learned'")
     p.add_argument("--data-root", default=None, help="a CT-RATE snapshot (folder holding dataset/)")

@@ -33,6 +33,7 @@ from ctlib.figures.latent import plot_retrieval, plot_tsne
 from ctlib.figures.pipeline import plot_pipeline
 from ctlib.figures.results import (
     plot_alpha_trajectory,
+    plot_context_sweep,
     plot_learning_curves,
     plot_metric_comparison,
     plot_metrics_vs_alpha,
@@ -71,6 +72,7 @@ __all__ = [
     "pick_examples",
     "plot_alpha_trajectory",
     "plot_attention_overlays",
+    "plot_context_sweep",
     "plot_class_prevalence",
     "plot_cooccurrence",
     "plot_hu_histograms",

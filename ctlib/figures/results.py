@@ -268,3 +268,77 @@ def plot_metric_comparison(
     ax.legend(frameon=False, ncols=min(len(models) + 1, 4), loc="lower left", bbox_to_anchor=(0, 1.0))
     ax.set_title(title, loc="left", pad=22)
     return _finish(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 09: the 3D-context sweep over the lung-nodule cue's strength
+# ---------------------------------------------------------------------------------------------
+def plot_context_sweep(
+    sweep: pd.DataFrame,
+    differences: pd.DataFrame | None = None,
+    *,
+    model: str = "fusion",
+    reference: str = "ResNet",
+    alone: Sequence[str] = ("ViT",),
+    margin: float = 0.05,
+    path: str | Path | None = None,
+) -> Figure:
+    """Left: the paired difference ``model`` - ``reference`` on the 3D class against the cue's strength lambda
+    (each seed's point with its 95% interval, their mean joined by a line; the seed-mean interval over test
+    patients as a band when ``differences`` is given), and the same difference on the 2D classes (a dashed
+    line: the 3D branch must not cost the slice classes more than ``margin``). Right: the 3D class's AUROC of
+    the models ``alone`` (the ViT: the positive control) and of ``reference`` and ``model``, per seed and mean.
+
+    Args:
+        sweep: rows of :func:`ctlib.tables.context_rows` (:data:`ctlib.tables.CONTEXT_COLUMNS`).
+        differences: :func:`ctlib.tables.context_differences` (index lambda, group), or None.
+    """
+    fig = _new_figure(10.5, 3.8)
+    left, right = fig.subplots(1, 2)
+    lams = np.array(sorted(sweep["lambda"].unique()), dtype=float)
+    width = float(np.ptp(lams)) or 1.0
+    seeds = sorted(sweep["seed"].unique())
+    for group, color, ls in (("3D", _color(0), "-"), ("2D", "0.45", "--")):
+        rows = sweep[(sweep["model"] == model) & (sweep["group"] == group)]
+        if rows.empty:
+            continue
+        mean = rows.groupby("lambda")["delta_vs_resnet"].mean().reindex(lams)
+        if group == "3D":
+            for k, s in enumerate(seeds):
+                r = rows[rows["seed"] == s].set_index("lambda").reindex(lams)
+                dx = (k - (len(seeds) - 1) / 2) * 0.012 * width
+                left.errorbar(lams + dx, r["delta_vs_resnet"], yerr=[r["delta_vs_resnet"] - r["delta_low"],
+                              r["delta_high"] - r["delta_vs_resnet"]], fmt="o", ms=3.5, color=color, alpha=0.45,
+                              lw=1, capsize=2, label="per seed (95% interval)" if k == 0 else None)
+        if differences is not None and group in differences.index.get_level_values("group"):
+            d = differences.xs(group, level="group").reindex(lams)
+            left.fill_between(lams, d["diff_low"], d["diff_high"], color=color, alpha=0.12 if group == "3D" else 0.08,
+                              lw=0)
+        left.plot(lams, mean, ls=ls, marker="s" if group == "3D" else None, color=color,
+                  label=f"{group} class{'es' if group == '2D' else ''}: mean over {len(seeds)} "
+                        f"seed{'s' if len(seeds) > 1 else ''}")
+    left.axhline(0.0, color="0.3", lw=0.8)
+    left.axhline(-margin, color="0.6", lw=0.8, ls=":", label=f"non-inferiority margin (-{margin:g})")
+    left.set_xlabel("cue strength λ")
+    left.set_ylabel(f"AUROC, {model} − {reference} (paired)")
+    left.set_title(f"{model} − {reference}")
+    left.grid(color="0.93")
+    left.legend(frameon=False, fontsize=7.5)
+    models = [*alone, reference, model]
+    for k, m in enumerate(dict.fromkeys(models)):
+        rows = sweep[(sweep["model"] == m) & (sweep["group"] == "3D")]
+        if rows.empty:
+            continue
+        color = _color(k + 1)
+        right.scatter(rows["lambda"], rows["auroc"], s=10, color=color, alpha=0.45)
+        mean = rows.groupby("lambda")["auroc"].mean().reindex(lams)
+        right.plot(lams, mean, marker="o", color=color, lw=2 if m in alone else 1.2, label=f"{m} (mean; dots: seeds)")
+    right.axhline(0.5, color="0.6", ls="--", lw=0.8)
+    shown = sweep[(sweep["group"] == "3D") & sweep["model"].isin(models)]["auroc"]
+    right.set_ylim(min(0.3, float(shown.min()) - 0.05) if len(shown) else 0.3, 1.02)
+    right.set_xlabel("cue strength λ")
+    right.set_ylabel("AUROC, 3D class")
+    right.set_title("3D class: the positive control and the others")
+    right.grid(color="0.93")
+    right.legend(frameon=False, fontsize=7.5)
+    return _finish(fig, path)

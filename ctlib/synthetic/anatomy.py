@@ -245,9 +245,8 @@ def _sample_anatomy(rng: np.random.Generator, age: float, sex: str) -> _Anatomy:
     _sample_great_vessels(a, rng)
     # pulmonary vessels and airways
     a.vessels, a.airways = _trees(rng, a)
-    # the distractors of the 3D classes (drawn in every chest; see DATA.md, "3D classes")
-    a.lung_posts = _lung_posts(rng, a)
-    a.stations, a.station_posts = _station_posts(rng, a)
+    # lymph-node stations with a normal node each (Lymphadenopathy enlarges some)
+    a.stations, a.normal_nodes = _stations(rng, a)
     return a
 
 
@@ -358,35 +357,12 @@ def _sample_great_vessels(a: _Anatomy, rng: np.random.Generator) -> None:
     a.table_y = a.by + a.bb + _u(rng, 4, 10)
 
 
-# A nodule or a lymph node has the calibre and HU of a vertical vessel ("post") drawn in every chest, and
-# sits in line with one: in a positive volume the post stops a gap above the lesion, in a negative one it
-# runs through the lesion's slices. Any single slice looks the same; across slices the lesion is a separate
-# compact body. Posts: (x, y, z_bottom, z_top, radius) in reference mm.
-POST_HU = 40.0  # HU of posts, nodules and nodes (the vessels' HU)
-POST_GAP = 14.0  # mm of fat or lung between a lesion and the post above it
+NODE_HU = 40.0  # lymph nodes, normal and enlarged
 
 
-def _lung_posts(rng: np.random.Generator, a: _Anatomy) -> list[tuple[float, float, float, float, float]]:
-    """Three vertical vessels of radius 8-11 mm in the mid lungs, 60-100 mm long, within |z| <= 70."""
-    posts = []
-    for i in range(3):
-        side = ("R", "L")[(i + int(rng.integers(0, 2))) % 2]
-        r = _u(rng, 8.0, 11.0)
-        for _ in range(40):
-            length = _u(rng, 60, 100)
-            z0 = _u(rng, -66.0, 66.0 - length)
-            p = _lung_point(rng, a, side, margin=r + 6.0, zr=(z0, z0 + 1.0))
-            pts = np.array([[p[0], p[1], z] for z in np.linspace(z0, z0 + length, 7)])
-            clear = all(math.hypot(p[0] - q[0], p[1] - q[1]) > r + q[4] + 12.0 for q in posts)
-            if _in_lung(a, pts, r + 3.0).all() and clear:
-                break
-        posts.append((float(p[0]), float(p[1]), float(z0), float(z0 + length), r))
-    return posts
-
-
-def _station_posts(rng: np.random.Generator, a: _Anatomy):
-    """The six mediastinal/hilar lymph-node stations ``{name: (x, y, z)}`` and a vertical vessel of radius
-    8-12 mm rising 45-70 mm from just below each."""
+def _stations(rng: np.random.Generator, a: _Anatomy):
+    """The six mediastinal/hilar lymph-node stations ``{name: (x, y, z)}`` and the short-axis radius (3-4 mm)
+    of the normal node every chest has at each."""
     hr, hl = np.asarray(a.hilum["R"]), np.asarray(a.hilum["L"])
     stations = {
         "right paratracheal": (a.tr_x - a.tr_r - 16.0, a.tr_y - 4.0, a.carina_z + _u(rng, 12, 30)),
@@ -396,10 +372,8 @@ def _station_posts(rng: np.random.Generator, a: _Anatomy):
         "right hilar": tuple(hr + (-4.0, -14.0, -8.0)),
         "left hilar": tuple(hl + (4.0, -14.0, -6.0)),
     }
-    posts = {}
+    normal = {}
     for name, (x, y, z) in stations.items():
-        z = min(float(z), 64.0)
-        stations[name] = (float(x), float(y), z)
-        r = _u(rng, 8.0, 12.0)
-        posts[name] = (float(x), float(y), z - 1.15 * r, z - 1.15 * r + _u(rng, 45, 70), r)
-    return stations, posts
+        stations[name] = (float(x), float(y), min(float(z), 64.0))
+        normal[name] = _u(rng, 3.0, 4.0)
+    return stations, normal

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from ctlib.synthetic.anatomy import POST_HU, _Anatomy, _cavity_depth, _dome, _heart, _lung_shape
+from ctlib.synthetic.anatomy import NODE_HU, _Anatomy, _cavity_depth, _dome, _heart, _lung_shape
 from ctlib.synthetic.geometry import _F32, _cover, _draw_airways, _draw_tubes, _ell_geom, _Grid, _lerp, _maxin
 from ctlib.synthetic.lesions import _dependency, _effusion_thickness
 from ctlib.synthetic.render import _airway_wall, _ell_cover, _paint_bones, _paint_ellipsoid, _paint_tubes
@@ -116,10 +116,14 @@ def _paint_mediastinum(
     _paint_tubes(gc, H, env, a.pulmonary, 38.0, 4.0)
     _paint_tubes(gc, H, env, a.veins, 36.0, 4.0)
     _paint_tubes(gc, H, env, a.arch_branches, 40.0, 4.0)
-    cut = les.get("Lymphadenopathy", {}).get("cut", {})
-    _paint_tubes(gc, H, env, _posts(a.station_posts, cut), POST_HU, 2.0)
-    if "Lymphadenopathy" in les:
-        for _, c, radii, v in les["Lymphadenopathy"]["nodes"]:
+    enlarged = les.get("Lymphadenopathy", {}).get("nodes", [])
+    big = {name for name, *_ in enlarged}
+    for name, c in a.stations.items():  # the normal nodes
+        if name not in big:
+            rad = a.normal_nodes[name]
+            _paint_ellipsoid(gc, H, env, c, (rad, rad, 1.15 * rad), NODE_HU, margin=2.0)
+    if enlarged:
+        for _, c, radii, v in enlarged:
             node = _paint_ellipsoid(gc, H, env, c, radii, v, margin=2.0)
             if node is not None:
                 tc.add("Lymphadenopathy", *node)
@@ -143,17 +147,6 @@ def _paint_mediastinum(
         tc.add("Peribronchial thickening", (slice(None),) * 3,
                _wall_gain(gc, a.central_airways[1:], pbt), within=~_lumen(gc, a.central_airways[1:]))
     return env
-
-
-def _posts(posts: Mapping, cut: Mapping) -> list[tuple]:
-    """Vertical segments ``(p0, p1, r, r)`` of the posts ``{key: (x, y, z_bottom, z_top, r)}``, each spanning
-    ``[z_bottom + cut[key], z_top]`` (its rounded ends included)."""
-    segs = []
-    for key, (x, y, z0, z1, r) in posts.items():
-        lo = z0 + cut.get(key, 0.0) + r
-        hi = max(z1 - r, lo)
-        segs.append(((x, y, lo), (x, y, hi), r, r))
-    return segs
 
 
 def _wall_gain(gc: _Grid, segs, extra: float) -> np.ndarray:
@@ -225,10 +218,6 @@ def _lung_hu(
     T = np.maximum(V * prune, W)  # noqa: N806
     LH = P + T * (40.0 - P)  # noqa: N806
     LH += Aw * (-1000.0 - LH)
-    # the lung posts last: not pruned, not crossed by an airway, so they keep the nodules' HU everywhere
-    posts = np.zeros(gc.shape, _F32)
-    _draw_tubes(gc, posts, _posts(dict(enumerate(a.lung_posts)), les.get("Lung nodule", {}).get("cut", {})))
-    LH += posts * (POST_HU - LH)
     return LH, Aw
 
 
@@ -262,12 +251,6 @@ def _paint_lung_lesions(
             _maxin(F, cap[0], cap[1])
         LH += F * (p["hu"] - LH)
         tc.add("Pulmonary fibrotic sequela", whole, F, within=L)
-    if "Lung nodule" in les:
-        for c, radii, v in les["Lung nodule"]["nodules"]:
-            n = _ell_cover(gc, c, radii)
-            if n is not None:
-                _lerp(LH, n[0], n[1], v)
-                tc.add("Lung nodule", n[0], n[1], within=L[n[0]])
     if "Consolidation" in les:
         p = les["Consolidation"]
         geo = _ell_geom(gc, p["c"], p["radii"], p["angle"], pad=gc.h)

@@ -12,8 +12,7 @@ from scipy.spatial import cKDTree
 
 from ctlib.data import CLASSES
 from ctlib.synthetic.anatomy import (
-    POST_GAP,
-    POST_HU,
+    NODE_HU,
     _Anatomy,
     _cavity_depth,
     _heart,
@@ -256,17 +255,9 @@ def _lesion_bronchiectasis(a: _Anatomy, base: Sequence[int], var: _Var, avoid: l
 
 
 def _lesion_lung_nodule(a: _Anatomy, base: Sequence[int], var: _Var, avoid: list, les: dict) -> None:
-    """Lung nodule: spheres of a lung post's radius at its lower end; the post is cut above them."""
-    r = _stream(base, "Lung nodule")
-    pick = sorted(int(j) for j in r.choice(len(a.lung_posts), size=var["Lung nodule"]["count"], replace=False))
-    nods, cut = [], {}
-    for j in pick:
-        x, y, z0, _, rad = a.lung_posts[j]
-        c = np.array([x, y, z0 + rad])
-        nods.append((c, (rad, rad, rad), POST_HU))
-        cut[j] = 2.0 * rad + POST_GAP
-        avoid.append(_sphere_avoid(c, 2 * rad + 6.0))
-    les["Lung nodule"] = {"nodules": nods, "cut": cut}
+    """Lung nodule: drawn by the columns every chest has (:mod:`ctlib.synthetic.column`), as the order of
+    their discs; nothing to place here."""
+    les["Lung nodule"] = {}
 
 
 def _lesion_emphysema(a: _Anatomy, base: Sequence[int], var: _Var, avoid: list, les: dict) -> None:
@@ -322,16 +313,15 @@ def _lesion_peribronchial_thickening(a: _Anatomy, base: Sequence[int], var: _Var
 
 
 def _lesion_lymphadenopathy(a: _Anatomy, base: Sequence[int], var: _Var, avoid: list, les: dict) -> None:
-    """Lymphadenopathy: ovoid nodes of a station post's radius at its lower end; the post is cut above."""
+    """Lymphadenopathy: enlarged ovoid nodes (short axis 16-24 mm) in place of the normal nodes of some stations."""
     r = _stream(base, "Lymphadenopathy")
     names = list(a.stations)
     pick = r.choice(len(names), size=min(var["Lymphadenopathy"]["count"], len(names)), replace=False)
-    nodes, cut = [], {}
+    nodes = []
     for i in sorted(int(j) for j in pick):
-        x, y, z0, _, rad = a.station_posts[names[i]]
-        nodes.append((names[i], np.array([x, y, z0 + 1.15 * rad]), (rad, rad, 1.15 * rad), POST_HU))
-        cut[names[i]] = 2.3 * rad + POST_GAP
-    les["Lymphadenopathy"] = {"nodes": nodes, "cut": cut}
+        rad = _u(r, 8.0, 12.0)
+        nodes.append((names[i], np.array(a.stations[names[i]]), (rad, rad, 1.15 * rad), NODE_HU))
+    les["Lymphadenopathy"] = {"nodes": nodes}
 
 
 def _lesion_hiatal_hernia(a: _Anatomy, base: Sequence[int], var: _Var, avoid: list, les: dict) -> None:
@@ -418,7 +408,8 @@ def _stream(base: Sequence[int], c: str) -> np.random.Generator:
     return _rng(*base, 100 + _CLS[c])
 
 
-def _prepare_lesions(a: _Anatomy, labels: Sequence[int], base: Sequence[int]) -> dict[str, dict[str, Any]]:
+def _prepare_lesions(a: _Anatomy, labels: Sequence[int], base: Sequence[int],
+                     keep_clear: Sequence[Callable[[np.ndarray], np.ndarray]] = ()) -> dict[str, dict[str, Any]]:
     """Geometry of every labelled abnormality of one scan (reference mm), keyed by class.
 
     Each class has its own random stream (keyed by the patient), so a lesion keeps its place in a
@@ -427,7 +418,7 @@ def _prepare_lesions(a: _Anatomy, labels: Sequence[int], base: Sequence[int]) ->
     present = {c for c, v in zip(CLASSES, labels, strict=True) if v}
     var = _variants(base)
     les: dict[str, dict[str, Any]] = {}
-    avoid: list[Callable[[np.ndarray], np.ndarray]] = []
+    avoid: list[Callable[[np.ndarray], np.ndarray]] = list(keep_clear)
     for c, prepare in _PREPARE:
         if c in present:
             prepare(a, base, var, avoid, les)

@@ -118,6 +118,7 @@ class _Volume:
     study_date: str = ""
     clinical: str = ""
     tube_current: int = 200
+    held_out: bool = False  # a held-out test patient (``_test_volumes``)
 
 
 _CLINICAL = (
@@ -137,10 +138,11 @@ def _quota(frac: float, n: int, at_least_one: bool) -> int:
     return min(n, max(k, 1 if (at_least_one and n > 0) else 0))
 
 
-def _plan(n_patients: int, seed: int) -> list[_Volume]:
+def _plan(n_patients: int, seed: int, n_test: int = 0) -> list[_Volume]:
     """All volumes of a snapshot in CSV order: ~85% train / 15% valid patients, ~15% with a repeat
     scan, ~10% of scans with a second reconstruction, 1-2 non-chest scans per split, ~2% label rows
-    without a file, ~3% fixed re-uploads, ~3% with RescaleIntercept -8192."""
+    without a file, ~3% fixed re-uploads, ~3% with RescaleIntercept -8192; then ``n_test`` held-out test
+    patients (:func:`_test_volumes`), drawn last so that they change nothing before them."""
     rng = _rng(seed, 0)
     n_valid = max(1, int(round(0.15 * n_patients)))
     n_train = n_patients - n_valid
@@ -210,4 +212,28 @@ def _plan(n_patients: int, seed: int) -> list[_Volume]:
             vols[j].intercept = -8192
         vols.sort(key=lambda v: (v.base[2], v.scan, v.recon))
         out.extend(vols)
+    out.extend(_test_volumes(rng, seed, n_test, first_id=n_valid + 1))
     return out
+
+
+def _test_volumes(rng: np.random.Generator, seed: int, n: int, first_id: int) -> list[_Volume]:
+    """``n`` held-out test patients, one chest volume each (one scan, one reconstruction, written, HU
+    intercept -1024), named as CT-RATE's ``valid_*`` patients from ``first_id`` on; their patients'
+    random streams are keyed apart from the cohort's (split code 2). :func:`test_patients` lists them."""
+    latent, ages = _draw_latent(rng, n)
+    sexes = rng.choice(["M", "F"], size=n)
+    vols = []
+    for i in range(n):
+        pid = first_id + i
+        manu = str(rng.choice(list(_KERNELS)))
+        soft, sharp, models = _KERNELS[manu]
+        model = str(rng.choice(models))
+        sh = bool(rng.random() < 0.3)
+        date = np.datetime64("2018-01-01") + np.timedelta64(int(rng.integers(0, 1300)), "D")
+        vols.append(_Volume(
+            name=f"valid_{pid}_a_1.nii.gz", split="valid", base=(seed, 2, pid), scan=0, recon=1,
+            labels=tuple(int(v) for v in _labels_from_latent(latent[i])), age=int(ages[i]), sex=str(sexes[i]),
+            sharp=sh, kernel=str(rng.choice(sharp if sh else soft)), manufacturer=manu, model=model,
+            study_date=str(date).replace("-", ""), clinical=str(rng.choice(_CLINICAL)),
+            tube_current=int(rng.integers(80, 320)), held_out=True))
+    return vols

@@ -112,13 +112,10 @@ def _finding(c: str, d: Mapping[str, Any]) -> tuple[str, str]:
     elif c == "Atelectasis":
         f = f"{d['form'].capitalize()} atelectasis is observed in the lower zone of {_side_text(d['side'])}."
         i = "Atelectasis."
-    elif c == "Lung nodule":
-        n = d["count"]
-        f = (
-            f"{'A solid nodule' if n == 1 else f'{n} solid nodules'} up to 22 mm in diameter "
-            f"{'is' if n == 1 else 'are'} observed in the lung parenchyma."
-        )
-        i = "Pulmonary nodule." if n == 1 else "Pulmonary nodules."
+    elif c == "Lung nodule":  # every column of the chest carries one (ctlib.synthetic.column)
+        f = ("Four solid nodules up to 30 mm in diameter, each on a small vessel, are observed in the lung "
+             "parenchyma.")
+        i = "Pulmonary nodules."
     elif c == "Lung opacity":
         f, i = (
             f"Patchy ground-glass opacities are observed in {_side_text(d['side'])}.",

@@ -4,6 +4,7 @@ view, and one volume end to end (:func:`_render_volume`, :func:`_phantom`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,12 +12,30 @@ import numpy as np
 from scipy import ndimage
 
 from ctlib.data import CLASSES
+from ctlib.synthetic import column
 from ctlib.synthetic.anatomy import _Anatomy, _rng, _sample_anatomy, _u
 from ctlib.synthetic.chest import _render_chest
 from ctlib.synthetic.geometry import _F32, _HU_OUTSIDE_FOV, _Grid
 from ctlib.synthetic.lesions import _prepare_lesions
 from ctlib.synthetic.render import _render_abdomen, _render_head
 from ctlib.synthetic.truth import _Truth
+
+_NODULE = CLASSES.index("Lung nodule")
+
+
+@dataclass(frozen=True)
+class Context:
+    """The lung-nodule cue's settings: ``strength`` lambda in [0, 1] (R = r + lambda (R_max - r); 0: a
+    positive and its negative twin are the same volume up to the order of identical slices) and the model's
+    slice ``grid`` (:class:`ctlib.synthetic.column.ContextGrid`)."""
+
+    strength: float = 1.0
+    grid: column.ContextGrid = column.ContextGrid()
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.strength, (int, float)) and 0.0 <= float(self.strength) <= 1.0):
+            raise ValueError(f"context strength must be in [0, 1], got {self.strength!r}")
+
 
 _KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     # manufacturer: (soft kernels, sharp kernels, models)
@@ -76,24 +95,48 @@ def _render_volume(
     shape: Sequence[int],
     spacing: Sequence[float],
     sharp: bool,
+    context: Context | None = None,
 ) -> tuple[np.ndarray, _Anatomy, dict[str, dict[str, Any]], _Grid, _Truth]:
     """One volume: int16 HU ``(X, Y, Z)``, its anatomy, lesions, grid and lesion truth. Anatomy and lesions
-    depend on the patient (``base``), the position jitter on the scan, noise and kernel on the reconstruction."""
+    depend on the patient (``base``), the position jitter on the scan, noise and kernel on the reconstruction.
+
+    A chest also gets its lung-nodule columns (:mod:`ctlib.synthetic.column`) on ``context``'s slice grid:
+    it is rendered on a grid ``M - 1`` model slices shorter, the slices of the column's first ``M`` slots
+    repeated, the negative twin's discs painted, the noise added; a positive is then its negative twin with
+    those slots rotated. The returned grid's ``z`` is the reference level of every slice (the column's still
+    slots repeat one level)."""
+    context = Context() if context is None else context
     a = _sample_anatomy(_rng(*base, 1), age, sex)
     shift = _rng(*base, scan, 2).normal(0.0, 1.0, 3) * np.array([3.0, 3.0, 5.0])
     g = _Grid.make(shape, spacing, shift)
     les: dict[str, dict[str, Any]] = {}
     truth = _Truth(g.shape)
+    lay = None
     if kind == "chest":
-        les = _prepare_lesions(a, labels, base)
-        hu = _render_chest(a, les, g, truth)
+        lay, short = column.layout(a, _rng(*base, 7), tuple(shape), spacing, shift, context.grid,
+                                   context.strength)
+        les = _prepare_lesions(a, labels, base, keep_clear=[column.keep_clear(lay)])
+        hu_short = _render_chest(a, les, short, truth := _Truth(short.shape))
+        hu = np.ascontiguousarray(hu_short[:, :, lay.zmap])
+        truth = truth.expand_z(lay.zmap)
+        column.paint(hu, g, lay)
+        # the returned grid says where each slice lies in the chest: the still slots repeat one level (its z
+        # is not uniform there, so not for Grid.box)
+        g = _Grid(g.x, g.y, short.z[lay.zmap], g.h, short.hz, short.zsub)
     elif kind == "abdomen":
         hu = _render_abdomen(a, _rng(*base, scan, 4), g)
     elif kind == "head":
         hu = _render_head(_rng(*base, scan, 4), g)
     else:
         raise ValueError(f"unknown phantom kind {kind!r}; expected 'chest', 'abdomen' or 'head'")
-    return _finish(hu, spacing, sharp, _rng(*base, scan, recon, 3)), a, les, g, truth
+    out = _finish(hu, spacing, sharp, _rng(*base, scan, recon, 3))
+    if lay is not None and labels[_NODULE]:
+        out = np.ascontiguousarray(out[:, :, lay.twin_permutation()])
+        for sl, region in column.nodule_parts(g, lay):
+            truth.add("Lung nodule", sl, region)
+    if lay is not None:
+        a.columns = lay
+    return out, a, les, g, truth
 
 
 def _phantom(
@@ -106,6 +149,7 @@ def _phantom(
     sharp: bool = False,
     age: float = 60.0,
     sex: str = "M",
+    context: Context | None = None,
 ) -> SimpleNamespace:
     """One volume with forced labels (a mapping class -> 0/1, or 18 values): for tests and looks.
     Returns ``hu`` (int16 ``(X, Y, Z)``), ``anatomy``, ``lesions``, ``grid`` and ``truth`` (the lesion
@@ -120,5 +164,5 @@ def _phantom(
         vec = [int(v) for v in labels] or [0] * len(CLASSES)
         if len(vec) != len(CLASSES):
             raise ValueError(f"expected {len(CLASSES)} labels, got {len(vec)}")
-    hu, a, les, g, truth = _render_volume(kind, vec, (seed, 9, 1), 0, 1, age, sex, shape, spacing, sharp)
+    hu, a, les, g, truth = _render_volume(kind, vec, (seed, 9, 1), 0, 1, age, sex, shape, spacing, sharp, context)
     return SimpleNamespace(hu=hu, anatomy=a, lesions=les, grid=g, truth=truth)

@@ -51,11 +51,9 @@ SIGNATURES: dict[str, Signature] = {
         "and fluid posteriorly", False, _ONE_SLICE + " (a gas-containing mass behind the heart)"),
     "Lymphadenopathy": Signature(
         "2-5 enlarged nodes (short axis 16-24 mm, 40 HU) at paratracheal, aortopulmonary, subcarinal, "
-        "prevascular or hilar stations, each sitting a 14 mm gap below a vertical vessel of the same "
-        "calibre and HU", True,
-        "every chest has a vertical vessel of the node's calibre and HU at every station; in a negative "
-        "it runs through the node's slices, so each slice shows the same round 40 HU density either way; "
-        "only across slices is the node a separate ovoid body"),
+        "prevascular or hilar stations, in place of the normal node (short axis 6-8 mm) every chest has there",
+        False, _ONE_SLICE + " (a node whose short axis is at least twice any normal node's, the "
+        "radiological definition: short axis on one axial slice)"),
     "Emphysema": Signature(
         "confluent low-attenuation areas (-990 HU) over 30-50% of the lung, 12-18 mm blobs, upper-zone "
         "predominant, pruned vessels, 1-3 subpleural bullae (20-36 mm)", False,
@@ -64,11 +62,13 @@ SIGNATURES: dict[str, Signature] = {
         "dense (20-45 HU) plate-like bands 12-18 mm thick or a 36-52 mm pleura-based wedge in the lower lung",
         False, _ONE_SLICE + " (a dense band or wedge in the lung)"),
     "Lung nodule": Signature(
-        "1-3 solid spheres (radius 8-11 mm, 40 HU) in the mid lung, each a 14 mm gap below a vertical "
-        "vessel of the same radius and HU", True,
-        "every chest has three such vertical lung vessels; in a negative the vessel runs through the "
-        "nodule's slices, so each slice shows the same round 40 HU density either way; only across slices "
-        "is the nodule a separate sphere"),
+        "every chest has four vertical lung columns of five slices, each slice a round 40 HU disc: two large "
+        "(radius 12-15 mm at full strength) and three thin (5-6 mm); negative: the large discs at the "
+        "column's lower end (a vessel tapering into a branch); positive: one thin disc below them (a "
+        "nodule threaded on a thin vessel)", True,
+        "a positive volume is its negative twin with three slices reordered (the chest is held still over "
+        "them, the noise moves with its slice): the same set of slices, so no model that treats a volume "
+        "as a set of slices can tell them apart; only the order along z differs"),
     "Lung opacity": Signature(
         "2-4 ground-glass patches (-550 to -400 HU, 44-72 mm) with irregular margins, vessels visible "
         "through them", False, _ONE_SLICE + " (a hazy patch denser than lung)"),
@@ -145,7 +145,7 @@ def _variants(base: Sequence[int]) -> dict[str, dict[str, Any]]:
             v["zone"] = "upper" if r.random() < 0.7 else "lower"
         elif c == "Atelectasis":
             v["form"] = "plate-like" if r.random() < 0.55 else "wedge-shaped"
-        elif c == "Lung nodule":
+        elif c == "Lung nodule":  # drawn on all four columns (ctlib.synthetic.column); kept for the streams
             v["count"] = int(r.choice([1, 2, 3], p=[0.55, 0.3, 0.15]))
         elif c == "Lung opacity":
             v["count"] = int(r.integers(2, 5))

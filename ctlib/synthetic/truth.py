@@ -64,6 +64,19 @@ class _Truth:
         )
         self.parts.append((cls, absolute, np.ascontiguousarray(region, dtype=bool)))
 
+    def expand_z(self, zmap: np.ndarray) -> _Truth:
+        """The recorder of a volume whose slice ``j`` is this volume's slice ``zmap[j]`` (slices repeated)."""
+        zmap = np.asarray(zmap)
+        parts = []
+        for cls, (sx, sy, sz), region in self.parts:
+            inside = (zmap >= sz.start) & (zmap < sz.stop)
+            js = np.nonzero(inside)[0]
+            if js.size:
+                j0, j1 = int(js[0]), int(js[-1]) + 1
+                src = np.clip(zmap[j0:j1] - sz.start, 0, region.shape[2] - 1)
+                parts.append((cls, (sx, sy, slice(j0, j1)), region[:, :, src] & inside[j0:j1]))
+        return _Truth((*self.shape[:2], len(zmap)), (0, 0, 0), parts)
+
     def mask(self) -> np.ndarray:
         """uint32 ``(X, Y, Z)``: bit k set where ``CLASSES[k]`` is drawn."""
         out = np.zeros(self.shape, np.uint32)

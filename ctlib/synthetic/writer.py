@@ -26,11 +26,14 @@ from ctlib.data import (
     NO_CHEST_TXT,
     REPORT_COLUMNS,
     REPORTS_CSV,
+    parse_volume_name,
     volume_relpath,
 )
+from ctlib.split import TEST_PATIENTS_TXT
+from ctlib.synthetic.column import ContextGrid
 from ctlib.synthetic.plan import _plan, _Volume
 from ctlib.synthetic.reports import _report
-from ctlib.synthetic.scanner import _render_volume
+from ctlib.synthetic.scanner import Context, _render_volume
 from ctlib.synthetic.truth import TRUTH_DIR, _save_mask, _write_lesions_csv
 
 
@@ -53,12 +56,12 @@ def _save_nifti(path: Path, arr: np.ndarray, spacing: Sequence[float], *, fixed:
     os.replace(tmp, path)
 
 
-def _write_volume(task: tuple[_Volume, tuple[int, int, int], tuple[float, float, float], str]) -> list[list]:
+def _write_volume(task: tuple[_Volume, tuple[int, int, int], tuple[float, float, float], str, Context]) -> list[list]:
     """Render one volume and write it (and its fixed re-upload) under ``root`` (the ``dataset/`` folder),
     and its lesion mask under ``root/../truth/``; returns its ``lesions.csv`` rows. Runs in a worker."""
-    v, shape, spacing, root = task
+    v, shape, spacing, root, context = task
     hu, *_, truth = _render_volume(
-        v.kind, v.labels, v.base, v.scan, v.recon, v.age, v.sex, shape, spacing, v.sharp
+        v.kind, v.labels, v.base, v.scan, v.recon, v.age, v.sex, shape, spacing, v.sharp, context
     )
     stored = np.clip(hu.astype(np.int32) - v.intercept, -32768, 32767).astype(np.int16)
     _save_nifti(Path(root) / volume_relpath(v.name), stored, spacing, fixed=False)
@@ -133,6 +136,9 @@ def generate(
     workers: int = 1,
     progress: bool = True,
     overwrite: bool = False,
+    test_patients: int = 0,
+    context_strength: float = 1.0,
+    context_grid: ContextGrid | Sequence[int | None] | None = None,
 ) -> Path:
     """Write a synthetic CT-RATE snapshot under ``out/dataset/`` and return that ``dataset`` path.
 
@@ -148,6 +154,13 @@ def generate(
         workers: processes that render volumes (a multiprocessing pool when > 1).
         progress: show a tqdm bar while writing volumes.
         overwrite: replace an existing non-empty ``dataset/`` (refused otherwise).
+        test_patients: held-out test patients added after the ``n_patients`` (one chest volume each, named
+            as CT-RATE ``valid_*`` patients), listed in ``out/test_patients.txt`` (outside CT-RATE's
+            format), which :func:`ctlib.split.fixed_split` puts in the test split.
+        context_strength: the lung-nodule cue's strength lambda in [0, 1] (:mod:`ctlib.synthetic.column`).
+        context_grid: the model's slice grid the nodule columns align to: a
+            :class:`~ctlib.synthetic.column.ContextGrid` or ``(group, first, stop)``; None: 2 generated slices
+            per model slice, the central two thirds kept (the demo's and smoke's preprocessing).
 
     Returns:
         The ``out/dataset`` path.
@@ -157,6 +170,11 @@ def generate(
         FileExistsError: ``out/dataset`` exists, is not empty and ``overwrite`` is False.
     """
     shape, spacing = _check_args(n_patients, shape, spacing, seed, workers)
+    if isinstance(test_patients, bool) or not isinstance(test_patients, (int, np.integer)) or test_patients < 0:
+        raise ValueError(f"test_patients must be a non-negative integer, got {test_patients!r}")
+    if context_grid is not None and not isinstance(context_grid, ContextGrid):
+        context_grid = ContextGrid(*context_grid)
+    context = Context(float(context_strength), context_grid or ContextGrid())
     root = Path(out) / "dataset"
     if root.exists() and any(root.iterdir()):
         if not overwrite:
@@ -166,8 +184,13 @@ def generate(
         shutil.rmtree(root)
     if (root.parent / TRUTH_DIR).exists():  # the lesion truth of an earlier snapshot here
         shutil.rmtree(root.parent / TRUTH_DIR)
+    (root.parent / TEST_PATIENTS_TXT).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
-    vols = _plan(int(n_patients), int(seed))
+    vols = _plan(int(n_patients), int(seed), int(test_patients))
+    if test_patients:
+        held = sorted({parse_volume_name(v.name)["patient"] for v in vols if v.held_out},
+                      key=lambda p: int(p.rsplit("_", 1)[1]))
+        (root.parent / TEST_PATIENTS_TXT).write_text("".join(f"{p}\n" for p in held), encoding="utf-8")
 
     for split in ("train", "valid"):
         sv = [v for v in vols if v.split == split]
@@ -183,7 +206,7 @@ def generate(
     # ``_write_volume`` lives in an importable module (not ``__main__``), so pool workers can unpickle it
     # even when the generator runs as ``python -m ctlib.synthetic``.
     fn = _write_volume
-    tasks = [(v, shape, spacing, str(root)) for v in vols if v.written]
+    tasks = [(v, shape, spacing, str(root), context) for v in vols if v.written]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(tasks), desc="synthetic CT volumes", unit="vol", disable=not progress)
@@ -257,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         help="voxel size in mm",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same snapshot)")
+    parser.add_argument("--test-patients", type=int, default=0,
+                        help="held-out test patients added (one volume each; listed in DIR/test_patients.txt)")
+    parser.add_argument("--context-strength", type=float, default=1.0,
+                        help="strength lambda in [0, 1] of the lung-nodule cue (0: positives = negatives)")
+    parser.add_argument("--context-grid", type=int, nargs=3, default=None, metavar=("GROUP", "FIRST", "STOP"),
+                        help="generated slices per model slice and the model slices kept [FIRST, STOP) "
+                             "(default: 2 and the central two thirds)")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering volumes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DIR/dataset")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -271,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             progress=not args.quiet,
             overwrite=args.overwrite,
+            test_patients=args.test_patients,
+            context_strength=args.context_strength,
+            context_grid=args.context_grid,
         )
     except (ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Can the demo's ViT3D learn? Test AUROC on the toy volumes of :mod:`ctlib.toys`, beside a 3D CNN.
 
 Trains the ViT3D exactly as the demo profile builds it (one logit instead of 18) and the small 3D CNN
-control (:class:`ctlib.toys.CNN3D`) on 342 toy volumes for ``--steps`` AdamW steps of batch 8, then
+control (:class:`ctlib.models.CNN3D`, one logit) on 342 toy volumes for ``--steps`` AdamW steps of batch 8, then
 scores 300 fresh ones, for two cues: ``ball`` (a 30 mm ball, visible on any one slice) and ``order``
 (the same multiset of slices in both classes, only their order along z differs: a model that ignores
 slice order scores 0.5). Learning rate, warm-up and batch: the profile's for the ViT unless given,
@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from ctlib.models import ViT3D, vit_kwargs
+from ctlib.models import CNN3D, ViT3D, vit_kwargs
 from ctlib.profiles import get_profile, parse_overrides
-from ctlib.toys import CNN3D, KINDS, learning_check
+from ctlib.toys import KINDS, learning_check
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
             if model == "vit3d":
                 make, lr, warmup = (lambda: ViT3D(**kwargs)), vit_lr, vit_warmup
             else:
-                make, lr, warmup = CNN3D, args.cnn_lr, 0
+                make, lr, warmup = (lambda: CNN3D(num_classes=1)), args.cnn_lr, 0
             start = time.perf_counter()
             r = learning_check(make, kind, steps=args.steps, lr=lr, warmup_steps=warmup, n_train=args.n_train,
                                weight_decay=profile.weight_decay, batch_size=batch, seed=args.seed,

@@ -95,25 +95,6 @@ def toy_dataset(kind: str, n: int, seed: int, **kwargs) -> tuple[Tensor, Tensor]
     return torch.from_numpy(vols), torch.from_numpy(labels)
 
 
-class CNN3D(nn.Module):
-    """The control: three blocks of 3x3x3 convolution, batch norm, ReLU and 2x max pooling (``width``,
-    2 ``width``, 4 ``width`` channels), a global max over the volume and a linear layer:
-    (B, S, H, W) -> (B, num_classes)."""
-
-    def __init__(self, *, width: int = 16, num_classes: int = 1) -> None:
-        super().__init__()
-        chans = [1, width, 2 * width, 4 * width]
-        layers: list[nn.Module] = []
-        for cin, cout in zip(chans[:-1], chans[1:], strict=True):
-            layers += [nn.Conv3d(cin, cout, 3, padding=1), nn.BatchNorm3d(cout), nn.ReLU(),
-                       nn.MaxPool3d(2, ceil_mode=True)]
-        self.net = nn.Sequential(*layers)
-        self.fc = nn.Linear(chans[-1], num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.net(x[:, None]).amax(dim=(2, 3, 4)))
-
-
 @dataclass(frozen=True)
 class ToyResult:
     auroc: float  # on the test volumes, logit 0

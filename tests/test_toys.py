@@ -8,7 +8,8 @@ import torch
 from scipy.ndimage import minimum_filter
 
 from ctlib.metrics import auroc_rank
-from ctlib.toys import CNN3D, toy_dataset, toy_volume
+from ctlib.models import CNN3D
+from ctlib.toys import toy_dataset, toy_volume
 
 
 def test_volumes_are_balanced_and_in_range() -> None:
@@ -50,5 +51,5 @@ def test_toy_arguments() -> None:
 
 
 def test_cnn_control_shapes() -> None:
-    assert CNN3D()(torch.zeros(2, 16, 56, 56)).shape == (2, 1)
+    assert CNN3D(num_classes=1)(torch.zeros(2, 16, 56, 56)).shape == (2, 1)
     assert CNN3D(num_classes=3)(torch.zeros(1, 7, 30, 30)).shape == (1, 3)

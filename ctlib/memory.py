@@ -4,10 +4,14 @@
 parameters, their gradients and AdamW's two moments (float32), autocast's bfloat16 copies of the weights, the
 input batch, the activations saved for the backward pass, and the largest transient of the backward pass (a
 checkpointed segment recomputed, plus the gradient flowing through it). Activations are counted tensor by
-tensor from the architecture (torchvision's ResNet-18 per slice; the ViT's tokens x width per block) and
-checked against the exact bytes autograd saves (``torch.autograd.graph.saved_tensors_hooks``, see
-:func:`saved_bytes`; ``tests/test_memory.py``). Under bf16 autocast every saved activation is bfloat16
-except maxpool's int64 indices and the per-row statistics of the norms and of attention (float32).
+tensor from the architecture (torchvision's ResNet-18 per slice; the CTViT encoder's PEG, pre-norms, cosine
+attention and GEGLU per block, :func:`vit_block_bytes`) and checked against the exact bytes autograd saves
+(``torch.autograd.graph.saved_tensors_hooks``, see :func:`saved_bytes`; ``tests/test_memory.py``, on the
+CPU). Under bf16 autocast every saved activation is bfloat16 except maxpool's int64 indices, the per-row
+statistics of the norms and of attention, and the ViT's residual stream and its pre-norms (float32: the
+PEG's float32 bias promotes the stream). The CPU runs the spatial attention (whose bias takes a gradient)
+by SDPA's math path, CUDA by a fused kernel: ``estimate(..., device=)`` says which; the CUDA side is
+modelled from the kernels' saved tensors, not measured here.
 Not counted: cuDNN/cuBLAS workspaces and the caching allocator's fragmentation (``overhead_gib``).
 """
 
@@ -90,20 +94,6 @@ def resnet_slice_activations(h: int, w: int) -> dict[str, int]:
     return out
 
 
-def vit_block_bytes(tokens: int, dim: int, inner: int, mlp_dim: int, heads: int, act_bytes: int) -> int:
-    """Bytes one pre-norm block saves for ``tokens`` tokens with activations of ``act_bytes`` (2: bf16 autocast).
-
-    Attention: q/k/v and its output (4 x ``inner``; in float32 also a copy at the head merge, where under
-    autocast the merge is a view) and the float32 log-sum-exp per head; MLP: the hidden pre- and post-GELU
-    (2 x ``mlp_dim``). Each RMSNorm keeps its per-row statistic and, in float32, its normalised product; under
-    autocast (a bfloat16 input and a float32 weight, which torch's fused kernel refuses) also the float32
-    copy of its input and its bfloat16 output.
-    """
-    if act_bytes == 4:
-        return tokens * 4 * (5 * dim + 5 * inner + 2 * mlp_dim + heads + 2)
-    return tokens * (act_bytes * (4 * inner + 2 * mlp_dim + 2 * dim) + 4 * (4 * dim + heads + 2))
-
-
 @dataclass(frozen=True)
 class _Arch:
     """The sizes that set a model's memory (read from a profile)."""
@@ -117,19 +107,127 @@ class _Arch:
     inner: int
     mlp_dim: int
     heads: int
-    depth: int
+    spatial_depth: int
+    slice_depth: int
+    pool: str
     checkpointing: bool
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of a (square) slice."""
+        return self.hw3d[0] // self.patch
+
+    @property
+    def mlp_padded(self) -> int:
+        """The GEGLU width its matrix products run at (zero-padded to a multiple of 8)."""
+        return self.mlp_dim + -self.mlp_dim % 8
 
     @classmethod
     def from_profile(cls, profile, model: str) -> _Arch:
         x2, y2, _ = profile.image_size("resnet2d" if model == "resnet2d" else model)
         return cls(model=model, slices=profile.num_slices, hw2d=(y2, x2), hw3d=(y2, x2), patch=profile.vit_patch_size,
                    dim=profile.vit_dim, inner=profile.vit_heads * profile.vit_dim_head, mlp_dim=profile.vit_mlp_dim,
-                   heads=profile.vit_heads, depth=profile.vit_spatial_depth + profile.vit_slice_depth,
+                   heads=profile.vit_heads, spatial_depth=profile.vit_spatial_depth,
+                   slice_depth=profile.vit_slice_depth, pool=profile.vit_pool,
                    checkpointing=bool(profile.gradient_checkpointing))
 
 
-def _activation_parts(a: _Arch, batch: int, act_bytes: int) -> tuple[dict[str, int], int]:
+F32 = 4  # bytes of a float32: norm statistics, the log-sum-exp, and the ViT's residual stream even under autocast
+
+
+def vit_block_bytes(a: _Arch, batch: int, act: int, *, spatial: bool, first: bool = False,
+                    device: str = "cuda") -> int:
+    """Bytes one CTViT block (``ViTBlock``: PEG, cosine attention, GEGLU) saves for backward.
+
+    ``act``: bytes of an activation (2: bfloat16 autocast, 4: float32). The residual stream is float32 either
+    way: the PEG adds its float32 bias to its convolution's bfloat16 output, which promotes the sum (and so
+    every pre-norm's input) to float32. ``spatial``: a block of the spatial transformer, whose attention takes
+    the position bias; ``first``: the first spatial block, whose input is the patch embedding's output (an
+    activation) rather than the stream; ``device``: where SDPA runs (see :func:`estimate`). Dropout 0, as in
+    every profile.
+    """
+    b, s, n = batch, a.slices, a.grid**2
+    t = b * s * n  # tokens, in either layout ((B S), N or (B N), S)
+    d, inner, heads, mlp = a.dim, a.inner, a.heads, a.mlp_padded
+    # PEG: each of its three depthwise conv2d (one per kernel slice) keeps its input, a window of S slices of
+    # the zero-padded grid: a copy (flattening B and S of the window) or autocast's cast of the float32
+    # stream; at one volume, with the block's input already in the convolution's dtype, three views of the grid
+    padded = (a.grid + 2) ** 2 * d
+    peg = 3 * b * s * padded * act
+    if b == 1 and (first or act == F32):
+        peg = (s + 2) * padded * act
+    # a pre-norm (RMSNorm, unfused as autograd runs it) and its projection: the float32 input, the normalised
+    # product x / rms (float32, for the weight's gradient), 1 / rms per token, and the projection's input
+    # x / rms * weight (float32, or autocast's bfloat16 copy)
+    prenorm = 2 * t * d * F32 + t * F32 + t * d * act
+    # attention: the q|k|v projection (one tensor: q and k are views of it, and so is v)
+    qkv = t * 3 * inner * act
+    # q and k L2-normalised: each keeps its normalised product (for its learned scale's gradient), its norm
+    # and the norm clamped away from 0 (one value per head and token)
+    qk_norm = 2 * (t * inner * act + 2 * t * heads * act)
+    if spatial and device == "cpu":
+        # SDPA's math path (torch's fused CPU kernel takes no gradient for a bias): float32 q and k (scaled by
+        # sqrt(8)) and v, the probabilities (float32, S N^2 per head and volume), and the head merge's copy of
+        # the output (to_out's input)
+        core = 3 * t * inner * F32 + b * s * heads * n * n * F32 + t * inner * act
+    else:
+        # a fused kernel (flash or memory-efficient on CUDA, flash on the CPU): the scaled q and k, the output
+        # (laid out (n, l, h, d): the head merge is a view, which to_out keeps) and the float32 log-sum-exp per
+        # head; on CUDA the spatial blocks' memory-efficient kernel also keeps the bias, one (heads, N, N) for
+        # all slices, its last dimension padded to a multiple of 16
+        core = 3 * t * inner * act + t * heads * F32
+        if spatial:
+            core += heads * n * (n + -n % 16) * act
+    # GEGLU: proj_in's output (value | gate: GELU keeps the gate, the product the value), GELU's output and the
+    # product (proj_out's input); with a padded width also the zero-padded weights (a new tensor, or autocast's
+    # bfloat16 copy of it: 2 mlp x dim in, dim x mlp out)
+    ff = t * 2 * mlp * act + 2 * t * mlp * act
+    if mlp != a.mlp_dim:
+        ff += 3 * mlp * d * act
+    return peg + 2 * prenorm + qkv + qk_norm + core + ff
+
+
+def vit_activations(a: _Arch, batch: int, act: int, device: str = "cuda") -> tuple[int, int]:
+    """(bytes ``ViT3D`` saves for backward, its largest backward transient) for ``batch`` volumes."""
+    b, s, n = batch, a.slices, a.grid**2
+    t = b * s * n
+    d, p2 = a.dim, a.patch**2
+    # patch embedding LayerNorm(p^2) -> Linear -> LayerNorm(dim): the first norm's float32 input (the volume's
+    # patches), mean and 1 / std per token; the Linear's input (float32 or cast); the second norm's input (the
+    # Linear's output), mean and 1 / std
+    embed = t * p2 * F32 + 2 * t * F32 + t * p2 * act + t * d * act + 2 * t * F32
+    # the position bias MLP runs on the (2h-1)(2w-1) distinct offsets (per step, not per volume): its input,
+    # each LeakyReLU's input and output (the next Linear's input); the gather of the (N, N) table keeps its
+    # row and column indices (int64)
+    offsets = (2 * a.grid - 1) ** 2
+    bias = offsets * (2 + 4 * d) * act + 2 * n * n * 8
+    # the spatial transformer's output norm and the final norm (RMSNorm on the float32 stream): input,
+    # normalised product, 1 / rms
+    norms = 2 * (2 * t * d * F32 + t * F32)
+    # attention pooling: the score layer's input and, under autocast, einsum's bfloat16 copy of the final
+    # tokens; the softmax weights and their copy in einsum's layout (float32, one per token each). The
+    # classification head sees (B, dim): negligible
+    pool = 0 if a.pool == "mean" else t * d * act * (1 + (act == 2)) + 2 * b * s * n * F32
+    first = vit_block_bytes(a, batch, act, spatial=True, first=True, device=device)
+    spatial = vit_block_bytes(a, batch, act, spatial=True, device=device)
+    across = vit_block_bytes(a, batch, act, spatial=False, device=device)
+    stream = t * d * F32  # one block's input or output on the (float32) residual stream
+    if a.checkpointing:
+        # each block keeps only its input: the first the patch embedding's output (an activation), the others
+        # the float32 stream (the slice-wise transformer's first, the spatial norm's float32 output); the
+        # backward pass recomputes one block at a time and holds the stream's gradient in and out
+        blocks = t * d * act + (a.spatial_depth + a.slice_depth - 1) * stream
+        transient = max(first, spatial, across) + 2 * stream
+    else:
+        blocks = first + (a.spatial_depth - 1) * spatial + a.slice_depth * across
+        # the largest gradient at once: GEGLU's (value | gate) or q|k|v, with the next; or the attention scores'
+        # (on CUDA the bias's over every slice before it is summed; on the CPU the probabilities' and scores')
+        scores = b * s * a.heads * n * n * (2 * F32 if device == "cpu" else act)
+        transient = max(2 * t * max(2 * a.mlp_padded, 3 * a.inner) * act, scores)
+    return embed + bias + norms + pool + blocks, transient
+
+
+def _activation_parts(a: _Arch, batch: int, act_bytes: int, device: str) -> tuple[dict[str, int], int]:
     """(saved bytes by branch, largest backward transient in bytes) for ``batch`` volumes."""
     saved: dict[str, int] = {}
     transients: list[int] = []
@@ -150,17 +248,8 @@ def _activation_parts(a: _Arch, batch: int, act_bytes: int) -> tuple[dict[str, i
             saved["resnet"] = n * (sum(segments.values()) + pool)
             transients.append(n * 2 * max(_resnet_largest(*a.hw2d)) * act_bytes)
     if a.model in ("vit3d", "fusion"):
-        h, w = a.hw3d
-        tokens = batch * a.slices * (h // a.patch) * (w // a.patch)
-        block = vit_block_bytes(tokens, a.dim, a.inner, a.mlp_dim, a.heads, act_bytes)
-        patches = tokens * a.patch**2 * act_bytes
-        final = tokens * (2 * a.dim * 4 + 4)  # the last RMSNorm: its (float32) input and normalised product
-        if a.checkpointing:
-            saved["vit"] = patches + a.depth * tokens * a.dim * act_bytes + final
-            transients.append(block + 2 * tokens * a.dim * act_bytes)
-        else:
-            saved["vit"] = patches + a.depth * block + final
-            transients.append(2 * tokens * max(a.mlp_dim, 3 * a.inner) * act_bytes)
+        saved["vit"], transient = vit_activations(a, batch, act_bytes, device)
+        transients.append(transient)
     return saved, max(transients)
 
 
@@ -194,23 +283,29 @@ def _param_counts(profile, model: str) -> tuple[int, int]:
 
 
 def estimate(profile, model: str, per_gpu_batch: int, *, bf16: bool | None = None,
-             checkpointing: bool | None = None, overhead_gib: float = 1.5) -> MemoryEstimate:
+             checkpointing: bool | None = None, overhead_gib: float = 1.5,
+             device: str = "cuda") -> MemoryEstimate:
     """The peak memory of one GPU training ``model`` of ``profile`` at ``per_gpu_batch`` volumes a micro-step.
 
     Args:
         bf16: autocast to bfloat16 (default: the profile's ``bf16``).
         checkpointing: activation checkpointing (default: the profile's ``gradient_checkpointing``).
         overhead_gib: CUDA context, cuDNN/cuBLAS workspaces and allocator slack, added as they are.
+        device: ``"cuda"`` (what a run prints) or ``"cpu"``: where the ViT's spatial attention, which takes
+            the gradient of its position bias, runs a fused kernel (CUDA's memory-efficient one) or SDPA's math
+            path, which keeps the attention probabilities (torch's fused CPU kernel has no bias gradient).
     """
     if per_gpu_batch < 1:
         raise ValueError(f"per_gpu_batch must be >= 1, got {per_gpu_batch}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     bf16 = profile.bf16 if bf16 is None else bf16
     arch = _Arch.from_profile(profile, model)
     if checkpointing is not None:
         arch = _Arch(**{**arch.__dict__, "checkpointing": checkpointing})
     act = 2 if bf16 else 4
     n_all, n_train = _param_counts(profile, model)
-    saved, transient = _activation_parts(arch, per_gpu_batch, act)
+    saved, transient = _activation_parts(arch, per_gpu_batch, act, device)
     s = arch.slices
     h, w = arch.hw2d if model == "resnet2d" else arch.hw3d
     parts = {

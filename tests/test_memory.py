@@ -32,7 +32,7 @@ def test_estimated_activations_match_what_autograd_saves(model, bf16, checkpoint
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rms_norm: bfloat16 input, float32 weight (the estimate counts it)
         measured = saved_bytes(net, x, autocast_dtype=torch.bfloat16 if bf16 else None)["activations"]
-    est = _activations(estimate(prof, model, 2, bf16=bf16))
+    est = _activations(estimate(prof, model, 2, bf16=bf16, device="cpu"))  # measured on the CPU
     assert abs(est - measured) / measured < 0.05, (est, measured)
 
 
@@ -42,8 +42,9 @@ def test_checkpointing_and_bf16_shrink_the_estimate_and_batch_scales_it():
     ckpt = estimate(prof, "fusion", 8)
     assert ckpt.checkpointing and ckpt.total < full.total / 3
     assert estimate(prof, "fusion", 8, bf16=False, checkpointing=False).total > full.total
-    one = _activations(estimate(prof, "fusion", 1))
-    assert _activations(ckpt) == 8 * one
+    # checkpointed activations grow linearly with the batch (the position bias MLP's are per step, not per volume)
+    one, two = (_activations(estimate(prof, "fusion", m)) for m in (1, 2))
+    assert _activations(ckpt) - one == 7 * (two - one)
 
 
 def test_paper_profiles_fit_an_h100_at_eight_volumes():

@@ -137,7 +137,7 @@ F32 = 4  # bytes of a float32: norm statistics, the log-sum-exp, and the ViT's r
 
 def vit_block_bytes(a: _Arch, batch: int, act: int, *, spatial: bool, first: bool = False,
                     device: str = "cuda") -> int:
-    """Bytes one CTViT block (``ViTBlock``: PEG, cosine attention, GEGLU) saves for backward.
+    """Bytes one CTViT block (``ctlib.vit.ViTBlock``: PEG, cosine attention, GEGLU) saves for backward.
 
     ``act``: bytes of an activation (2: bfloat16 autocast, 4: float32). The residual stream is float32 either
     way: the PEG adds its float32 bias to its convolution's bfloat16 output, which promotes the sum (and so

@@ -17,18 +17,9 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from ctlib.data import CLASSES
-from ctlib.models import (
-    PEG,
-    ContinuousPositionBias,
-    Fusion,
-    GEGLUFeedForward,
-    ResNet2D,
-    ViT3D,
-    ViTBlock,
-    WeightsUnavailableError,
-    resnet2d_with_fallback,
-)
+from ctlib.models import Fusion, ResNet2D, WeightsUnavailableError, resnet2d_with_fallback
 from ctlib.toys import learning_check
+from ctlib.vit import PEG, ContinuousPositionBias, GEGLUFeedForward, ViT3D, ViTBlock
 
 K = len(CLASSES)
 # A tiny ViT: 32x32 slices in 8x8 patches (4x4 = 16 per slice), one spatial and one slice-wise block.

@@ -427,7 +427,7 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
             write_config(spec, data, out, parts, world, device, t.model, batching=plan.to_dict())
             log.info("%s; %d optimisation steps per epoch", plan.describe(),
                      math.ceil(len(parts["train"]) / plan.global_batch))
-            if device.type == "cuda":
+            if device.type == "cuda" and spec.model in MODELS:  # the paper's models; the CNN3D control is not modelled
                 props = torch.cuda.get_device_properties(device)
                 log.info(estimate(profile, spec.model, plan.per_rank).line(props.total_memory, props.name))
 
@@ -449,6 +449,8 @@ def train(spec: RunSpec, out: str | Path, *, redo: bool = False, progress: bool 
                 if after_epoch is not None:
                     after_epoch(epoch)
         except torch.OutOfMemoryError as err:  # answered once, with the batch that fits; not retried
+            if spec.model not in MODELS:
+                raise
             props = torch.cuda.get_device_properties(device)
             raise OutOfMemory(oom_message(profile, spec.model, plan.per_rank, device_bytes=props.total_memory,
                                           device_name=props.name, world=world)) from err

@@ -97,7 +97,13 @@ def environment(device: str) -> dict:
 
 
 def model_flops(profile, model: str) -> float:
-    """FLOPs of one training volume (forward + backward) at the profile's sizes, on the meta device."""
+    """FLOPs of one training volume (forward + backward) at the profile's sizes, on the meta device.
+
+    Convolutions' backward is counted as twice their forward (the input's and the weight's gradients):
+    ``torch.utils.flop_counter`` counts a grouped convolution's weight gradient over every input channel,
+    which makes the ViT's depthwise PEG (groups = dim) look like 2.2 TFLOP a volume instead of ~0.01. The
+    ResNet's first convolution needs no input gradient, so this over-counts it by ~0.007 TFLOP.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -109,7 +115,9 @@ def model_flops(profile, model: str) -> float:
         x = torch.zeros(1, profile.num_slices, y2, x2)
     with FlopCounterMode(display=False) as counter:
         net(x).float().sum().backward()
-    return float(counter.get_total_flops())
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    backward = by_op.pop("aten.convolution_backward", 0)
+    return float(sum(by_op.values()) + (2 * by_op.get("aten.convolution", 0) if backward else 0))
 
 
 def peak_tflops(gpu_name: str | None) -> float | None:

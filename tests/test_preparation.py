@@ -44,7 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 PREP_SETS = ["size_2d=[16,18,12]", "size_3d=[16,16,12]", "num_slices=6", "target_spacing=null"]
 TRAIN_SETS = ["weights=null", "vit_patch_size=8", "vit_dim=32", "vit_spatial_depth=1", "vit_slice_depth=1",
               "vit_heads=2", "vit_dim_head=16", "vit_mlp_dim=64", "epochs=2", "batch_size=4", "eval_batch_size=8",
-              "bootstrap=10", "num_workers=0", "max_failed_fraction=0.1"]
+              "bootstrap=10", "num_workers=0", "max_failed_fraction=0.1",
+              "device=cpu"]  # the paper profile needs CUDA; on purpose on the CPU here (ctlib.gpu)
 
 
 def _snapshot(root: Path, n_patients: int = 16) -> Path:

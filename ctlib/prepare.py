@@ -53,7 +53,7 @@ import pandas as pd
 from ctlib import atomic, synthetic
 from ctlib.cache import PreparationError, PrepareReport, cache_dir, check_entry, prepare, prepared_path
 from ctlib.data import DataError, load_cohort
-from ctlib.preprocess import PREPROCESSING_VERSION, Preprocessing, _window
+from ctlib.preprocess import PREPROCESSING_VERSION, Preprocessing, crop_pad_window
 from ctlib.profiles import MODELS, PROFILES, Profile, get_profile, parse_overrides, validate
 from ctlib.split import FixedSplit, SplitMismatch, fixed_split, read_test_patients, sha256, split_file
 
@@ -82,7 +82,7 @@ def context_grid(profile: Profile) -> tuple[int, int, int]:
     tz = sz if profile.target_spacing is None else float(profile.target_spacing[2])
     n = max(1, math.floor(nz * sz / tz + 0.5))
     size = profile.image_size("vit3d")[2]
-    off, start, stop = _window(n, size)
+    off, start, stop = crop_pad_window(n, size)
     first = (size - profile.num_slices) // 2
     lo = first + off + max(0, start - first)
     hi = first + off + min(profile.num_slices, stop - first)

@@ -72,7 +72,7 @@ def check_preprocess_args(
     return size, int(num_slices), (lo, hi), target_spacing
 
 
-def _window(n: int, target: int) -> tuple[int, int, int]:
+def crop_pad_window(n: int, target: int) -> tuple[int, int, int]:
     """Centre crop or pad of an axis of length n to target, upstream convention.
 
     Returns ``(offset, start, stop)``: ``out[j] = src[j + offset]`` for ``start <= j < stop``, pad elsewhere.
@@ -174,8 +174,8 @@ def to_model_frame(
 
     # Crop/pad and the centre-slice selection are both windows, so compose them and touch only the voxels
     # that survive.
-    wx, wy = _window(volume.shape[0], size[0]), _window(volume.shape[1], size[1])
-    z_off, z_start, z_stop = _window(volume.shape[2], size[2])
+    wx, wy = crop_pad_window(volume.shape[0], size[0]), crop_pad_window(volume.shape[1], size[1])
+    z_off, z_start, z_stop = crop_pad_window(volume.shape[2], size[2])
     first = (size[2] - num_slices) // 2
     wz = (z_off + first, max(0, z_start - first), min(num_slices, z_stop - first))
 

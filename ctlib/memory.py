@@ -7,9 +7,9 @@ checkpointed segment recomputed, plus the gradient flowing through it). Activati
 tensor from the architecture (torchvision's ResNet-18 per slice; the CTViT encoder's PEG, pre-norms, cosine
 attention and GEGLU per block, :func:`vit_block_bytes`) and checked against the exact bytes autograd saves
 (``torch.autograd.graph.saved_tensors_hooks``, see :func:`saved_bytes`; ``tests/test_memory.py``, on the
-CPU). Under bf16 autocast every saved activation is bfloat16 except maxpool's int64 indices, the per-row
-statistics of the norms and of attention, and the ViT's residual stream and its pre-norms (float32: the
-PEG's float32 bias promotes the stream). The CPU runs the spatial attention (whose bias takes a gradient)
+CPU). Under bf16 autocast every saved activation is bfloat16, the ViT's residual stream included, except
+maxpool's int64 indices, the per-row statistics of the norms and of attention, and the RMSNorms' float32
+copies of their inputs (an RMSNorm of a bfloat16 input with a float32 weight computes in float32). The CPU runs the spatial attention (whose bias takes a gradient)
 by SDPA's math path, CUDA by a fused kernel: ``estimate(..., device=)`` says which; the CUDA side is
 modelled from the kernels' saved tensors, not measured here.
 Not counted: cuDNN/cuBLAS workspaces and the caching allocator's fragmentation (``overhead_gib``).
@@ -132,33 +132,27 @@ class _Arch:
                    checkpointing=bool(profile.gradient_checkpointing))
 
 
-F32 = 4  # bytes of a float32: norm statistics, the log-sum-exp, and the ViT's residual stream even under autocast
+F32 = 4  # bytes of a float32: norm statistics and float32 copies of their inputs, the log-sum-exp
 
 
-def vit_block_bytes(a: _Arch, batch: int, act: int, *, spatial: bool, first: bool = False,
-                    device: str = "cuda") -> int:
+def vit_block_bytes(a: _Arch, batch: int, act: int, *, spatial: bool, device: str = "cuda") -> int:
     """Bytes one CTViT block (``ctlib.vit.ViTBlock``: PEG, cosine attention, GEGLU) saves for backward.
 
-    ``act``: bytes of an activation (2: bfloat16 autocast, 4: float32). The residual stream is float32 either
-    way: the PEG adds its float32 bias to its convolution's bfloat16 output, which promotes the sum (and so
-    every pre-norm's input) to float32. ``spatial``: a block of the spatial transformer, whose attention takes
-    the position bias; ``first``: the first spatial block, whose input is the patch embedding's output (an
-    activation) rather than the stream; ``device``: where SDPA runs (see :func:`estimate`). Dropout 0, as in
-    every profile.
+    ``act``: bytes of an activation (2: bfloat16 autocast, 4: float32), the residual stream's included
+    (``ctlib.vit`` keeps the stream in autocast's dtype). ``spatial``: a block of the spatial transformer,
+    whose attention takes the position bias; ``device``: where SDPA runs (see :func:`estimate`). Dropout 0,
+    as in every profile.
     """
     b, s, n = batch, a.slices, a.grid**2
     t = b * s * n  # tokens, in either layout ((B S), N or (B N), S)
     d, inner, heads, mlp = a.dim, a.inner, a.heads, a.mlp_padded
     # PEG: each of its three depthwise conv2d (one per kernel slice) keeps its input, a window of S slices of
-    # the zero-padded grid: a copy (flattening B and S of the window) or autocast's cast of the float32
-    # stream; at one volume, with the block's input already in the convolution's dtype, three views of the grid
+    # the zero-padded grid: a copy (flattening B and S of the window); at one volume, three views of the grid
     padded = (a.grid + 2) ** 2 * d
-    peg = 3 * b * s * padded * act
-    if b == 1 and (first or act == F32):
-        peg = (s + 2) * padded * act
-    # a pre-norm (RMSNorm, unfused as autograd runs it) and its projection: the float32 input, the normalised
-    # product x / rms (float32, for the weight's gradient), 1 / rms per token, and the projection's input
-    # x / rms * weight (float32, or autocast's bfloat16 copy)
+    peg = 3 * b * s * padded * act if b > 1 else (s + 2) * padded * act
+    # a pre-norm (RMSNorm, unfused as autograd runs it) and its projection: its input in float32 (the stream
+    # itself, or its float32 copy under autocast), the normalised product x / rms (float32, for the weight's
+    # gradient), 1 / rms per token, and the projection's input x / rms * weight (float32, or autocast's copy)
     prenorm = 2 * t * d * F32 + t * F32 + t * d * act
     # attention: the q|k|v projection (one tensor: q and k are views of it, and so is v)
     qkv = t * 3 * inner * act
@@ -201,25 +195,24 @@ def vit_activations(a: _Arch, batch: int, act: int, device: str = "cuda") -> tup
     # row and column indices (int64)
     offsets = (2 * a.grid - 1) ** 2
     bias = offsets * (2 + 4 * d) * act + 2 * n * n * 8
-    # the spatial transformer's output norm and the final norm (RMSNorm on the float32 stream): input,
+    # the spatial transformer's output norm and the final norm (RMSNorm, computed in float32): input,
     # normalised product, 1 / rms
     norms = 2 * (2 * t * d * F32 + t * F32)
     # attention pooling: the score layer's input and, under autocast, einsum's bfloat16 copy of the final
     # tokens; the softmax weights and their copy in einsum's layout (float32, one per token each). The
     # classification head sees (B, dim): negligible
     pool = 0 if a.pool == "mean" else t * d * act * (1 + (act == 2)) + 2 * b * s * n * F32
-    first = vit_block_bytes(a, batch, act, spatial=True, first=True, device=device)
     spatial = vit_block_bytes(a, batch, act, spatial=True, device=device)
     across = vit_block_bytes(a, batch, act, spatial=False, device=device)
-    stream = t * d * F32  # one block's input or output on the (float32) residual stream
+    stream = t * d * act  # one block's input or output on the residual stream
     if a.checkpointing:
-        # each block keeps only its input: the first the patch embedding's output (an activation), the others
-        # the float32 stream (the slice-wise transformer's first, the spatial norm's float32 output); the
-        # backward pass recomputes one block at a time and holds the stream's gradient in and out
-        blocks = t * d * act + (a.spatial_depth + a.slice_depth - 1) * stream
-        transient = max(first, spatial, across) + 2 * stream
+        # each block keeps only its input, the stream (the slice-wise transformer's first: the spatial norm's
+        # output cast back to the stream's dtype); the backward pass recomputes one block at a time and holds
+        # the stream's gradient in and out
+        blocks = (a.spatial_depth + a.slice_depth) * stream
+        transient = max(spatial, across) + 2 * stream
     else:
-        blocks = first + (a.spatial_depth - 1) * spatial + a.slice_depth * across
+        blocks = a.spatial_depth * spatial + a.slice_depth * across
         # the largest gradient at once: GEGLU's (value | gate) or q|k|v, with the next; or the attention scores'
         # (on CUDA the bias's over every slice before it is summed; on the CPU the probabilities' and scores')
         scores = b * s * a.heads * n * n * (2 * F32 if device == "cpu" else act)

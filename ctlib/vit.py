@@ -46,6 +46,14 @@ def check_positive(**values: Any) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _stream(t: Tensor) -> Tensor:
+    """The residual stream follows autocast: in its dtype when autocast is on (a norm run in float32, as
+    CUDA's LayerNorm and the RMSNorm of a bfloat16 input with a float32 weight are, would otherwise carry
+    float32 through every block and double the activations), unchanged otherwise."""
+    device = t.device.type
+    return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
+
+
 class PEG(nn.Module):
     """CTViT's position-generating module: a depthwise 3x3x3 convolution (with bias) over the token grid
     (slice, row, column), zero-padded, whose output each block adds to its tokens before attention.
@@ -68,7 +76,8 @@ class PEG(nn.Module):
         out = sum(
             F.conv2d(x[:, k:k + s].flatten(0, 1), self.conv.weight[:, :, k], groups=d) for k in range(3)
         )
-        return rearrange(out, "(b s) d h w -> b s h w d", b=b) + self.conv.bias
+        # the bias in the convolution's dtype: a float32 bias would promote the bfloat16 stream under autocast
+        return rearrange(out, "(b s) d h w -> b s h w d", b=b) + self.conv.bias.to(out.dtype)
 
 
 class ContinuousPositionBias(nn.Module):
@@ -304,13 +313,13 @@ class ViT3D(nn.Module):
         self._check_input(x)
         b, s = x.shape[:2]
         grid = (b, s, self.grid, self.grid)
-        t = rearrange(self.patch_embed(self.to_patches(x)), "b s n d -> (b s) n d")
+        t = _stream(rearrange(self.patch_embed(self.to_patches(x)), "b s n d -> (b s) n d"))
         bias = self.spatial_bias(self.grid, self.grid).to(t.dtype)  # (heads, N, N), one for all blocks
         spatial, across = [], []
         for block in self.spatial:
             t, probs = self._run(block, t, grid, True, bias, return_attention)
             spatial.append(probs)
-        t = rearrange(self.spatial_norm(t), "(b s) n d -> (b n) s d", b=b)
+        t = _stream(rearrange(self.spatial_norm(t), "(b s) n d -> (b n) s d", b=b))
         for block in self.across:
             t, probs = self._run(block, t, grid, False, None, return_attention)
             across.append(probs)

@@ -640,11 +640,18 @@ def test_resnet_gradient_checkpointing_gives_the_same_gradients_and_batchnorm_st
 
 
 def test_vit_residual_stream_follows_autocast():
-    """The float32 position parameters must not promote the tokens to float32 under bf16 autocast."""
-    net = ViT3D(image_size=16, patch_size=8, max_slices=3, dim=16, spatial_depth=1, slice_depth=1, heads=2,
+    """Under bf16 autocast every block takes and returns bfloat16 tokens: neither the PEG's float32 bias nor a
+    norm computed in float32 (the spatial transformer's output norm) promotes the stream (ctlib.memory counts it
+    so); without autocast it stays float32."""
+    net = ViT3D(image_size=16, patch_size=8, max_slices=3, dim=16, spatial_depth=2, slice_depth=2, heads=2,
                 dim_head=8, mlp_dim=32)
-    seen = []
-    net.spatial[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    seen: list[tuple[str, torch.dtype, torch.dtype]] = []
+    for name, block in [*(("spatial", b) for b in net.spatial), *(("across", b) for b in net.across)]:
+        block.register_forward_hook(lambda mod, args, out, n=name: seen.append((n, args[0].dtype, out[0].dtype)))
+    x = torch.rand(2, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        net(torch.rand(1, 3, 16, 16))
-    assert seen == [torch.bfloat16]
+        net(x)
+    assert seen == [(n, torch.bfloat16, torch.bfloat16) for n in ("spatial",) * 2 + ("across",) * 2]
+    seen.clear()
+    net(x)
+    assert {(i, o) for _, i, o in seen} == {(torch.float32, torch.float32)}

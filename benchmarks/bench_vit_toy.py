@@ -12,6 +12,13 @@ idle core (more on a shared machine), the CNN ~3.
     python benchmarks/bench_vit_toy.py --kinds ball --models vit3d --steps 200
     python benchmarks/bench_vit_toy.py --set vit_pool=attention # another ViT setting of the profile
     python benchmarks/bench_vit_toy.py --n-train 3000 --batch 32 --lr 3e-3 --warmup 50   # more data
+    python benchmarks/bench_vit_toy.py --augment --variant head-batchnorm   # diagnostics (not the paper's)
+
+Diagnostic variants of the ViT (``--variant``), applied after it is built, not options of ``ViT3D``:
+``head-batchnorm`` replaces the head's RMSNorm by a BatchNorm over the batch (it standardises the pooled
+features across volumes, so a feature that differs little between volumes still moves the logit);
+``no-patch-layernorm`` drops the LayerNorm over each patch's pixels (which normalises away a patch's mean,
+i.e. its density in HU). ``--augment``: random flips, transposes and in-plane shifts of each training volume.
 """
 
 from __future__ import annotations
@@ -24,6 +31,17 @@ import torch
 from ctlib.models import CNN3D, ViT3D, vit_kwargs
 from ctlib.profiles import get_profile, parse_overrides
 from ctlib.toys import KINDS, learning_check
+
+VARIANTS = ("none", "head-batchnorm", "no-patch-layernorm")
+
+
+def vit_variant(model: ViT3D, variant: str) -> ViT3D:
+    """``model`` with the diagnostic change ``variant`` (see the module's doc)."""
+    if variant == "head-batchnorm":
+        model.head[0] = torch.nn.BatchNorm1d(model.dim)
+    elif variant == "no-patch-layernorm":
+        model.patch_embed[0] = torch.nn.Identity()
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="ViT learning rate; default: the profile's")
     parser.add_argument("--warmup", type=int, default=None, help="ViT warm-up steps; default: the profile's")
     parser.add_argument("--every", type=int, default=100, help="test AUROC every so many steps (0: at the end)")
+    parser.add_argument("--variant", choices=VARIANTS, default="none", help="a diagnostic change to the ViT")
+    parser.add_argument("--augment", action="store_true", help="flip, transpose and shift each training volume")
     parser.add_argument("--cnn-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -49,18 +69,19 @@ def main(argv: list[str] | None = None) -> None:
     vit_lr = args.lr if args.lr is not None else profile.lr
     vit_warmup = args.warmup if args.warmup is not None else profile.warmup_steps
     print(f"toy volumes 16 x 56 x 56, {args.n_train} for training, 300 for testing; batch {batch}")
-    print(f"ViT3D {kwargs}; lr {vit_lr}, warm-up {vit_warmup}. CNN3D: lr {args.cnn_lr}")
+    print(f"ViT3D {kwargs}; lr {vit_lr}, warm-up {vit_warmup}, variant {args.variant}. CNN3D: lr {args.cnn_lr}. "
+          f"Augmentation: {'on' if args.augment else 'off'}")
     print(f"{'model':<7} {'cue':<6} {'steps':>5} {'AUROC':>6} {'logit sd':>9} {'loss':>6} {'seconds':>8}  AUROC by step")
     for kind in args.kinds:
         for model in args.models:
             if model == "vit3d":
-                make, lr, warmup = (lambda: ViT3D(**kwargs)), vit_lr, vit_warmup
+                make, lr, warmup = (lambda: vit_variant(ViT3D(**kwargs), args.variant)), vit_lr, vit_warmup
             else:
                 make, lr, warmup = (lambda: CNN3D(num_classes=1)), args.cnn_lr, 0
             start = time.perf_counter()
             r = learning_check(make, kind, steps=args.steps, lr=lr, warmup_steps=warmup, n_train=args.n_train,
                                weight_decay=profile.weight_decay, batch_size=batch, seed=args.seed,
-                               curve_every=args.every)
+                               curve_every=args.every, augmentation=args.augment)
             curve = " ".join(f"{k}:{v:.2f}" for k, v in r.curve.items())
             print(f"{model:<7} {kind:<6} {r.steps:>5} {r.auroc:>6.3f} {r.logit_std:>9.3g} {r.final_loss:>6.3f} "
                   f"{time.perf_counter() - start:>8.0f}  {curve}", flush=True)

@@ -95,6 +95,22 @@ def toy_dataset(kind: str, n: int, seed: int, **kwargs) -> tuple[Tensor, Tensor]
     return torch.from_numpy(vols), torch.from_numpy(labels)
 
 
+def augment(x: Tensor, gen: torch.Generator, *, shift: int = 4) -> Tensor:
+    """Each volume of ``x`` (B, S, H, W) under its own random flips (rows, columns, slices), transpose of rows
+    and columns, and circular in-plane shift of up to ``shift`` pixels: its voxels rearranged, none changed
+    (the shift wraps the outermost pixels around: air, and a pixel or two of the body's edge). H must equal W."""
+    out = []
+    for v in x:
+        flip_h, flip_w, transpose, flip_s = torch.randint(0, 2, (4,), generator=gen).tolist()
+        v = v.flip(-2) if flip_h else v
+        v = v.flip(-1) if flip_w else v
+        v = v.transpose(-2, -1) if transpose else v
+        v = v.flip(0) if flip_s else v
+        dy, dx = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
+        out.append(torch.roll(v, (dy, dx), (-2, -1)))
+    return torch.stack(out)
+
+
 @dataclass(frozen=True)
 class ToyResult:
     auroc: float  # on the test volumes, logit 0
@@ -107,10 +123,11 @@ class ToyResult:
 def learning_check(make_model: Callable[[], nn.Module], kind: str, *, steps: int = 400, lr: float = 5e-4,
                    weight_decay: float = 0.01, batch_size: int = 8, warmup_steps: int = 0, n_train: int = 342,
                    n_test: int = 300, seed: int = 0, data_seed: int = 1, curve_every: int = 0,
-                   **volume_kwargs) -> ToyResult:
+                   augmentation: bool = False, **volume_kwargs) -> ToyResult:
     """Train ``make_model()`` (built after seeding torch with ``seed``) on ``n_train`` toy volumes of
     ``kind`` with AdamW, BCE on logit 0, linear warm-up over ``warmup_steps`` (as training does), shuffled
-    epochs, then score ``n_test`` fresh volumes (also every ``curve_every`` steps if > 0). Data seeds:
+    epochs (each batch through :func:`augment` if ``augmentation``), then score ``n_test`` fresh volumes (also
+    every ``curve_every`` steps if > 0). Data seeds:
     ``data_seed`` (train), ``data_seed + 1`` (test).
     """
     x_train, y_train = toy_dataset(kind, n_train, data_seed, **volume_kwargs)
@@ -137,7 +154,8 @@ def learning_check(make_model: Callable[[], nn.Module], kind: str, *, steps: int
         if len(order) < batch_size:
             order = torch.cat([order, torch.randperm(n_train, generator=gen)])
         idx, order = order[:batch_size], order[batch_size:]
-        loss = F.binary_cross_entropy_with_logits(model(x_train[idx])[:, 0], y_train[idx])
+        x = augment(x_train[idx], gen) if augmentation else x_train[idx]
+        loss = F.binary_cross_entropy_with_logits(model(x)[:, 0], y_train[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -9,7 +9,8 @@ from scipy.ndimage import minimum_filter
 
 from ctlib.metrics import auroc_rank
 from ctlib.models import CNN3D
-from ctlib.toys import toy_dataset, toy_volume
+from ctlib.toys import augment, toy_dataset, toy_volume
+from ctlib.vit import ViT3D
 
 
 def test_volumes_are_balanced_and_in_range() -> None:
@@ -53,3 +54,40 @@ def test_toy_arguments() -> None:
 def test_cnn_control_shapes() -> None:
     assert CNN3D(num_classes=1)(torch.zeros(2, 16, 56, 56)).shape == (2, 1)
     assert CNN3D(num_classes=3)(torch.zeros(1, 7, 30, 30)).shape == (1, 3)
+
+
+def test_augment_rearranges_the_voxels_of_each_volume() -> None:
+    x, _ = toy_dataset("ball", 12, seed=4)
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    for a, b in zip(x, out, strict=True):  # every volume keeps its voxels, only their places change
+        torch.testing.assert_close(a.flatten().sort().values, b.flatten().sort().values, rtol=0, atol=0)
+    assert sum(not torch.equal(a, b) for a, b in zip(x, out, strict=True)) >= 10
+    torch.testing.assert_close(augment(x, torch.Generator().manual_seed(0)), out, rtol=0, atol=0)
+
+
+def test_bench_variants_change_the_vit_as_they_say() -> None:
+    """The benchmark's diagnostic variants: without the patch LayerNorm a patch's density reaches the tokens
+    (a constant added to every pixel changes them; CTViT's embedding is blind to it); with a BatchNorm head
+    the logits are standardised over the batch before the head's layers."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_vit_toy", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vit_toy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    kw = dict(image_size=16, patch_size=8, max_slices=2, dim=16, spatial_depth=1, slice_depth=1, heads=2,
+              dim_head=8, mlp_dim=21, num_classes=1)
+    x = torch.rand(3, 2, 16, 16) * 0.1
+    for variant, blind in (("none", True), ("no-patch-layernorm", False)):
+        torch.manual_seed(0)
+        net = bench.vit_variant(ViT3D(**kw), variant).eval()
+        embed = lambda v, net=net: net.patch_embed(net.to_patches(v))  # noqa: E731
+        assert torch.allclose(embed(x), embed(x + 0.5), atol=1e-4) == blind, variant
+    torch.manual_seed(0)
+    net = bench.vit_variant(ViT3D(**kw), "head-batchnorm").train()
+    seen = []
+    net.head[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    net(x)
+    torch.testing.assert_close(seen[0].mean(0), torch.zeros(16), atol=1e-5, rtol=0)

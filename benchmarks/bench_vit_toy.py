@@ -12,13 +12,12 @@ idle core (more on a shared machine), the CNN ~3.
     python benchmarks/bench_vit_toy.py --kinds ball --models vit3d --steps 200
     python benchmarks/bench_vit_toy.py --set vit_pool=attention # another ViT setting of the profile
     python benchmarks/bench_vit_toy.py --n-train 3000 --batch 32 --lr 3e-3 --warmup 50   # more data
-    python benchmarks/bench_vit_toy.py --augment --variant head-batchnorm   # diagnostics (not the paper's)
+    python benchmarks/bench_vit_toy.py --set vit_stem=patch vit_feature_norm=rms   # CTViT's own, at demo size
+    python benchmarks/bench_vit_toy.py --set vit_stem=patch --variant no-patch-layernorm --augment   # diagnostics
 
-Diagnostic variants of the ViT (``--variant``), applied after it is built, not options of ``ViT3D``:
-``head-batchnorm`` replaces the head's RMSNorm by a BatchNorm over the batch (it standardises the pooled
-features across volumes, so a feature that differs little between volumes still moves the logit);
-``no-patch-layernorm`` drops the LayerNorm over each patch's pixels (which normalises away a patch's mean,
-i.e. its density in HU). ``--augment``: random flips, transposes and in-plane shifts of each training volume.
+``--variant no-patch-layernorm`` (a diagnostic, not an option of ``ViT3D``; with ``vit_stem=patch``) drops
+CTViT's LayerNorm over each patch's pixels, which normalises away a patch's mean, i.e. its density in HU.
+``--augment``: random flips, transposes and in-plane shifts of each training volume.
 """
 
 from __future__ import annotations
@@ -32,14 +31,14 @@ from ctlib.models import CNN3D, ViT3D, vit_kwargs
 from ctlib.profiles import get_profile, parse_overrides
 from ctlib.toys import KINDS, learning_check
 
-VARIANTS = ("none", "head-batchnorm", "no-patch-layernorm")
+VARIANTS = ("none", "no-patch-layernorm")
 
 
 def vit_variant(model: ViT3D, variant: str) -> ViT3D:
     """``model`` with the diagnostic change ``variant`` (see the module's doc)."""
-    if variant == "head-batchnorm":
-        model.head[0] = torch.nn.BatchNorm1d(model.dim)
-    elif variant == "no-patch-layernorm":
+    if variant == "no-patch-layernorm":
+        if model.stem != "patch":
+            raise SystemExit("--variant no-patch-layernorm needs CTViT's patch embedding: --set vit_stem=patch")
         model.patch_embed[0] = torch.nn.Identity()
     return model
 

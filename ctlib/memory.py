@@ -111,6 +111,7 @@ class _Arch:
     slice_depth: int
     pool: str
     checkpointing: bool
+    stem: str = "patch"
 
     @property
     def grid(self) -> int:
@@ -129,7 +130,7 @@ class _Arch:
                    dim=profile.vit_dim, inner=profile.vit_heads * profile.vit_dim_head, mlp_dim=profile.vit_mlp_dim,
                    heads=profile.vit_heads, spatial_depth=profile.vit_spatial_depth,
                    slice_depth=profile.vit_slice_depth, pool=profile.vit_pool,
-                   checkpointing=bool(profile.gradient_checkpointing))
+                   checkpointing=bool(profile.gradient_checkpointing), stem=profile.vit_stem)
 
 
 F32 = 4  # bytes of a float32: norm statistics and float32 copies of their inputs, the log-sum-exp
@@ -190,6 +191,14 @@ def vit_activations(a: _Arch, batch: int, act: int, device: str = "cuda") -> tup
     # patches), mean and 1 / std per token; the Linear's input (float32 or cast); the second norm's input (the
     # Linear's output), mean and 1 / std
     embed = t * p2 * F32 + 2 * t * F32 + t * p2 * act + t * d * act + 2 * t * F32
+    if a.stem == "conv":
+        # ConvStem: the first convolution's input (the slices, or autocast's copy), then per stride-2 layer its
+        # output (BatchNorm's input) and the ReLU's output (the next convolution's input)
+        embed = b * s * a.hw3d[0] * a.hw3d[1] * act
+        n_layers = a.patch.bit_length() - 1
+        for i in range(n_layers):
+            side = a.hw3d[0] // 2 ** (i + 1)
+            embed += 2 * b * s * (d // 2 ** (n_layers - 1 - i)) * side * side * act
     # the position bias MLP runs on the (2h-1)(2w-1) distinct offsets (per step, not per volume): its input,
     # each LeakyReLU's input and output (the next Linear's input); the gather of the (N, N) table keeps its
     # row and column indices (int64)

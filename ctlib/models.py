@@ -384,6 +384,8 @@ def vit_kwargs(profile: Profile, model: str) -> dict[str, Any]:
         dropout=profile.vit_dropout,
         peg_causal=profile.vit_peg_causal,
         pool=profile.vit_pool,
+        stem=profile.vit_stem,
+        feature_norm=profile.vit_feature_norm,
         num_classes=len(CLASSES),
         gradient_checkpointing=profile.gradient_checkpointing,
     )

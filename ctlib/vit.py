@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ctlib.data import CLASSES
-from ctlib.profiles import VIT_POOLS
+from ctlib.profiles import VIT_FEATURE_NORMS, VIT_POOLS, VIT_STEMS
 
-__all__ = ["NUM_CLASSES", "PEG", "ContinuousPositionBias", "CosineAttention", "GEGLUFeedForward", "ViT3D",
-           "ViTBlock", "check_positive", "check_volume"]
+__all__ = ["NUM_CLASSES", "PEG", "ContinuousPositionBias", "ConvStem", "CosineAttention", "GEGLUFeedForward",
+           "ViT3D", "ViTBlock", "VolumeBatchNorm", "check_positive", "check_volume"]
 
 NUM_CLASSES = len(CLASSES)
 
@@ -52,6 +52,44 @@ def _stream(t: Tensor) -> Tensor:
     float32 through every block and double the activations), unchanged otherwise."""
     device = t.device.type
     return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
+
+
+class ConvStem(nn.Module):
+    """Ours, not CTViT's: a convolutional patch embedding (Xiao et al. 2021, "Early convolutions help
+    transformers see better"). Each slice (B, S, H, W) goes through log2(p) 3x3 convolutions of stride 2, each
+    with BatchNorm and ReLU, channels doubling up to ``dim`` (dim/4, dim/2, dim at p = 8), then a 1x1
+    convolution to ``dim``: tokens (B, S, (H/p)(W/p), dim) on the same grid as the patches, row-major.
+    Unlike CTViT's LayerNorm over a patch's pixels, it keeps a patch's density, and its small kernels see
+    structures smaller than a patch wherever they sit in it.
+    """
+
+    def __init__(self, patch_size: int, dim: int) -> None:
+        super().__init__()
+        n = patch_size.bit_length() - 1
+        if patch_size < 2 or 2**n != patch_size:
+            raise ValueError(f"the convolutional stem needs a power-of-two patch_size, got {patch_size}")
+        if dim % 2 ** (n - 1):
+            raise ValueError(f"the convolutional stem needs dim divisible by {2 ** (n - 1)}, got {dim}")
+        widths = [1] + [dim // 2 ** (n - 1 - i) for i in range(n)]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths, widths[1:], strict=False):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(dim, dim, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        return rearrange(self.net(rearrange(x, "b s h w -> (b s) 1 h w")), "(b s) d h w -> b s (h w) d", b=b)
+
+
+class VolumeBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the volumes of a batch, (B, D). A training batch of one volume (a micro-batch of one,
+    or an epoch's last volume) has no spread to standardise by: it is normalised with the running
+    statistics, as in evaluation, instead of raising."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
 
 
 class PEG(nn.Module):
@@ -203,12 +241,18 @@ class ViT3D(nn.Module):
     writes (CTViT: LayerNorm, bias-less except the feed-forward's); CTViT's temporal patching
     (``temporal_patch_size``) is left out (the paper patches in-plane only: B x T x H/p x W/p x D); the
     PEG of the slice-wise transformer sees the token grid in its true (slice, row, column) order (CTViT's
-    reshapes ``(b h w) t d`` as ``b t h w d``, a scrambled grid); the head (the paper's MLP "decoder"):
-    the final tokens pooled (``pool``) -> RMSNorm/Linear/GELU/Linear.
+    reshapes ``(b h w) t d`` as ``b t h w d``, a scrambled grid); the features: the final tokens pooled
+    (``pool``) and normalised (``feature_norm``); the head (the paper's MLP "decoder"): Linear/GELU/Linear.
+    Two options of ours, for small training sets (the demo profile uses both, the paper's profiles neither):
+    ``stem="conv"`` embeds the patches by a :class:`ConvStem` instead of CTViT's LayerNorm -> Linear ->
+    LayerNorm, and ``feature_norm="batch"`` standardises the pooled features over the batch
+    (:class:`VolumeBatchNorm`) instead of per volume (RMSNorm).
 
-    From scratch it needs data: on the toy volumes of :mod:`ctlib.toys` a small one learns a 30 mm ball
-    from 3000 volumes at batch 32 in 300 steps, but memorises 342 volumes and stays at chance
-    (``tests/test_models.py``, ``benchmarks/bench_vit_toy.py``).
+    From scratch, as CTViT has it, it needs data: on the toy volumes of :mod:`ctlib.toys` a small one learns a
+    30 mm ball from 3000 volumes at batch 32 in 300 steps, but memorises 342 volumes and stays at chance; the
+    demo-sized one stays at chance within 400 steps whatever the data, batch or learning rate tried. With both
+    options above it learns the ball from 342 volumes at batch 8 (``tests/test_models.py``,
+    ``benchmarks/bench_vit_toy.py``, docs/results.md).
 
     Args:
         image_size: slice height and width (H = W).
@@ -227,6 +271,10 @@ class ViT3D(nn.Module):
         peg_causal: pad the PEG causally along the slices (CTViT's choice) or one slice each side.
         pool: ``"mean"`` of the final tokens or ``"attention"`` (a softmax over all tokens of a learned
             score, attention-based MIL pooling); see the profiles for which the demo uses and why.
+        stem: ``"patch"`` (CTViT's patch embedding) or ``"conv"`` (:class:`ConvStem`, ours; power-of-two
+            ``patch_size``).
+        feature_norm: the pooled features' norm, ``"rms"`` (per volume) or ``"batch"`` (over the batch's
+            volumes, :class:`VolumeBatchNorm`; ours). The fusion reads the features after it.
     """
 
     def __init__(
@@ -246,6 +294,8 @@ class ViT3D(nn.Module):
         gradient_checkpointing: bool = False,
         peg_causal: bool = True,
         pool: str = "mean",
+        stem: str = "patch",
+        feature_norm: str = "rms",
     ) -> None:
         super().__init__()
         check_positive(
@@ -259,15 +309,23 @@ class ViT3D(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if pool not in VIT_POOLS:
             raise ValueError(f"pool must be one of {VIT_POOLS}, got {pool!r}")
+        if stem not in VIT_STEMS:
+            raise ValueError(f"stem must be one of {VIT_STEMS}, got {stem!r}")
+        if feature_norm not in VIT_FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {VIT_FEATURE_NORMS}, got {feature_norm!r}")
         self.image_size, self.patch_size, self.max_slices = image_size, patch_size, max_slices
-        self.dim, self.heads, self.pool = dim, heads, pool
+        self.dim, self.heads, self.pool, self.stem = dim, heads, pool, stem
         self.grid = image_size // patch_size  # patches per side: h = w
         self.num_patches = self.grid**2
         self.gradient_checkpointing = gradient_checkpointing
 
         p = patch_size
-        self.to_patches = Rearrange("b s (h p1) (w p2) -> b s (h w) (p1 p2)", p1=p, p2=p)
-        self.patch_embed = nn.Sequential(nn.LayerNorm(p * p), nn.Linear(p * p, dim), nn.LayerNorm(dim))
+        if stem == "patch":
+            self.to_patches = Rearrange("b s (h p1) (w p2) -> b s (h w) (p1 p2)", p1=p, p2=p)
+            self.patch_embed = nn.Sequential(nn.LayerNorm(p * p), nn.Linear(p * p, dim), nn.LayerNorm(dim))
+        else:
+            self.to_patches = nn.Identity()
+            self.patch_embed = ConvStem(p, dim)
         self.spatial_bias = ContinuousPositionBias(dim, heads)
         block = dict(dim=dim, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim, dropout=dropout, peg_causal=peg_causal)
         self.spatial = nn.ModuleList(ViTBlock(**block) for _ in range(spatial_depth))
@@ -275,9 +333,8 @@ class ViT3D(nn.Module):
         self.across = nn.ModuleList(ViTBlock(**block) for _ in range(slice_depth))
         self.norm = nn.RMSNorm(dim)  # the final tokens: the slice-wise transformer's output norm
         self.pool_score = nn.Linear(dim, 1) if pool == "attention" else None
-        self.head = nn.Sequential(
-            nn.RMSNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, num_classes)
-        )
+        self.feature_norm = nn.RMSNorm(dim) if feature_norm == "rms" else VolumeBatchNorm(dim)
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, num_classes))
 
     @property
     def feature_dim(self) -> int:
@@ -329,10 +386,10 @@ class ViT3D(nn.Module):
         else:
             w = self.pool_weights(final, b)  # (B, S, N)
             feats = torch.einsum("bsn,bnsd->bd", w, rearrange(final, "(b n) s d -> b n s d", b=b))
-        return feats, spatial, across
+        return self.feature_norm(feats), spatial, across
 
     def features(self, x: Tensor) -> Tensor:
-        """The pooled final tokens: (B, S, H, W) -> (B, dim)."""
+        """The pooled final tokens, normalised: (B, S, H, W) -> (B, dim)."""
         return self._encode(x)[0]
 
     def forward(self, x: Tensor, *, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:

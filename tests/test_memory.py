@@ -21,10 +21,11 @@ def _activations(est) -> int:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize(("model", "batch"), [("resnet2d", 2), ("vit3d", 2), ("fusion", 2), ("vit3d", 1)])
-def test_estimated_activations_match_what_autograd_saves(model, batch, bf16, checkpointing):
+@pytest.mark.parametrize(("model", "batch", "stem"), [("resnet2d", 2, "patch"), ("vit3d", 2, "patch"), ("vit3d", 2, "conv"),
+                                                     ("fusion", 2, "conv"), ("vit3d", 1, "patch"), ("vit3d", 1, "conv")])
+def test_estimated_activations_match_what_autograd_saves(model, batch, stem, bf16, checkpointing):
     torch.set_num_threads(1)
-    prof = get_profile("smoke", gradient_checkpointing=checkpointing, **SIZES)
+    prof = get_profile("smoke", gradient_checkpointing=checkpointing, vit_stem=stem, **SIZES)
     torch.manual_seed(0)
     net = build_model(prof, model, pretrained=False)
     x2, y2, _ = prof.image_size(model)

@@ -218,10 +218,10 @@ def _residual(a: np.ndarray) -> np.ndarray:
     return m / m.sum(axis=-1, keepdims=True)
 
 
-def _tiny_vit(seed: int = 0) -> ViT3D:
+def _tiny_vit(seed: int = 0, **options) -> ViT3D:
     torch.manual_seed(seed)
     return ViT3D(image_size=16, patch_size=4, max_slices=5, dim=16, spatial_depth=2, slice_depth=2, heads=2,
-                 dim_head=8, mlp_dim=32).eval()
+                 dim_head=8, mlp_dim=32, **options).eval()
 
 
 def test_exact_rollout_equals_brute_force_on_a_tiny_vit():
@@ -305,7 +305,7 @@ def _forward_keeping(vit: ViT3D, x: torch.Tensor) -> tuple[torch.Tensor, list, l
         sl.append(probs)
     final = vit.norm(t)
     w = vit.pool_weights(final, 1)[0].T[..., None]  # (N, S, 1)
-    return vit.head((w * final).sum(dim=(0, 1))[None]), sp, sl, final
+    return vit.head(vit.feature_norm((w * final).sum(dim=(0, 1))[None])), sp, sl, final
 
 
 def _residual_normalised(r: np.ndarray) -> np.ndarray:
@@ -338,8 +338,9 @@ def _brute_relevance(vit: ViT3D, x: torch.Tensor, k: int) -> np.ndarray:
     return (rel / rel.sum()).reshape(s, n)
 
 
-def test_vit_relevance_equals_brute_force_and_is_class_specific():
-    vit = _tiny_vit(2)
+@pytest.mark.parametrize("options", [{}, {"stem": "conv", "feature_norm": "batch"}])  # CTViT's, the demo's
+def test_vit_relevance_equals_brute_force_and_is_class_specific(options):
+    vit = _tiny_vit(2, **options)
     x = torch.randn(5, 16, 16)
     k = 4
     brute = _brute_relevance(vit, x, k)

@@ -51,6 +51,8 @@ def _stream(t: Tensor) -> Tensor:
     CUDA's LayerNorm and the RMSNorm of a bfloat16 input with a float32 weight are, would otherwise carry
     float32 through every block and double the activations), unchanged otherwise."""
     device = t.device.type
+    if not torch.amp.is_autocast_available(device):  # e.g. the meta device of the FLOP counter
+        return t
     return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
 
 

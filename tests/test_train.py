@@ -108,6 +108,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# CTViT's encoder as it is: no BatchNorm. The smoke profile's ViT (a convolutional stem, batch-standardised
+# features) takes BatchNorm statistics per process, as the ResNet does, so its step on 2 processes is not the
+# step on 1 (SyncBatchNorm, --set sync_bn=true, makes them one on CUDA).
+NO_BATCHNORM = ["--set", "vit_stem=patch", "--set", "vit_feature_norm=rms"]
+
+
 def test_two_process_gloo_step_equals_one_process(smoke_work_dir, tmp_path):
     """One optimisation step on the same global batch: 2 gloo processes == 1 process."""
     outs = {}
@@ -116,7 +122,7 @@ def test_two_process_gloo_step_equals_one_process(smoke_work_dir, tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                f"--master_port={_free_port()}", "-m", "ctlib.train", "--profile", "smoke",
                "--model", "vit3d", "--work-dir", str(smoke_work_dir), "--out", str(out), "--no-progress",
-               "--set", "epochs=1", "--set", "max_steps_per_epoch=1", "--set", "batch_size=4"]
+               "--set", "epochs=1", "--set", "max_steps_per_epoch=1", "--set", "batch_size=4", *NO_BATCHNORM]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -129,7 +135,7 @@ def test_two_process_gloo_step_equals_one_process(smoke_work_dir, tmp_path):
     torch.manual_seed(0)
     from ctlib.models import build_model
 
-    init = build_model(get_profile("smoke"), "vit3d").state_dict()
+    init = build_model(get_profile("smoke", vit_stem="patch", vit_feature_norm="rms"), "vit3d").state_dict()
     assert any(not torch.equal(init[k], one[k]) for k in one)
     # Both runs scored the whole test split once.
     p1, p2 = pd.read_csv(outs[1] / "predictions.csv"), pd.read_csv(outs[2] / "predictions.csv")
@@ -149,7 +155,7 @@ def test_one_two_three_processes_take_the_same_steps_to_the_same_weights(smoke_w
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                f"--master_port={_free_port()}", "-m", "ctlib.train", "--profile", "smoke", "--model", "vit3d",
                "--work-dir", str(smoke_work_dir), "--out", str(tmp_path / name), "--no-progress", "--score", "eval",
-               "--set", "epochs=1"]
+               "--set", "epochs=1", *NO_BATCHNORM]
         for item in sets:
             cmd += ["--set", item]
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -159,7 +159,7 @@ DEMO = dataclasses.replace(
     # (a 30 mm ball: AUROC 0.46-0.56 after 400 steps, whatever the data, batch, learning rate, pooling or
     # patch size tried; benchmarks/bench_vit_toy.py, docs/results.md). With a convolutional stem and the
     # pooled features standardised over the batch it learns the ball from 342 volumes at this batch and
-    # learning rate (0.999 after 350 steps); neither alone did. So the demo uses both (ours, not CTViT's).
+    # learning rate (0.95 after 200 steps, 0.999 after 400); neither alone did. So the demo uses both (ours, not CTViT's).
     vit_stem="conv",
     vit_feature_norm="batch",
     vit_patch_size=8,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ctlib.models import build_model
+from ctlib.vit import ConvStem
 
 __all__ = ["MemoryEstimate", "OutOfMemory", "estimate", "largest_fitting_batch", "oom_message", "saved_bytes"]
 
@@ -195,10 +196,9 @@ def vit_activations(a: _Arch, batch: int, act: int, device: str = "cuda") -> tup
         # ConvStem: the first convolution's input (the slices, or autocast's copy), then per stride-2 layer its
         # output (BatchNorm's input) and the ReLU's output (the next convolution's input)
         embed = b * s * a.hw3d[0] * a.hw3d[1] * act
-        n_layers = a.patch.bit_length() - 1
-        for i in range(n_layers):
+        for i, width in enumerate(ConvStem.widths(a.patch, d)):
             side = a.hw3d[0] // 2 ** (i + 1)
-            embed += 2 * b * s * (d // 2 ** (n_layers - 1 - i)) * side * side * act
+            embed += 2 * b * s * width * side * side * act
     # the position bias MLP runs on the (2h-1)(2w-1) distinct offsets (per step, not per volume): its input,
     # each LeakyReLU's input and output (the next Linear's input); the gather of the (N, N) table keeps its
     # row and column indices (int64)

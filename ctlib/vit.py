@@ -65,14 +65,19 @@ class ConvStem(nn.Module):
     structures smaller than a patch wherever they sit in it.
     """
 
-    def __init__(self, patch_size: int, dim: int) -> None:
-        super().__init__()
+    @staticmethod
+    def widths(patch_size: int, dim: int) -> list[int]:
+        """Output channels of the stride-2 convolutions, one per halving of the slice (dim/4, dim/2, dim at p 8)."""
         n = patch_size.bit_length() - 1
         if patch_size < 2 or 2**n != patch_size:
             raise ValueError(f"the convolutional stem needs a power-of-two patch_size, got {patch_size}")
         if dim % 2 ** (n - 1):
             raise ValueError(f"the convolutional stem needs dim divisible by {2 ** (n - 1)}, got {dim}")
-        widths = [1] + [dim // 2 ** (n - 1 - i) for i in range(n)]
+        return [dim // 2 ** (n - 1 - i) for i in range(n)]
+
+    def __init__(self, patch_size: int, dim: int) -> None:
+        super().__init__()
+        widths = [1, *self.widths(patch_size, dim)]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths, widths[1:], strict=False):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]

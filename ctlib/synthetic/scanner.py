@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+import ctlib.synthetic.column as column
 from ctlib.data import CLASSES
-from ctlib.synthetic import column
 from ctlib.synthetic.anatomy import _Anatomy, _rng, _sample_anatomy, _u
 from ctlib.synthetic.chest import _render_chest
 from ctlib.synthetic.geometry import _F32, _HU_OUTSIDE_FOV, _Grid

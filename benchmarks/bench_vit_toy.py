@@ -14,9 +14,13 @@ idle core (more on a shared machine), the CNN ~3.
     python benchmarks/bench_vit_toy.py --n-train 3000 --batch 32 --lr 3e-3 --warmup 50   # more data
     python benchmarks/bench_vit_toy.py --set vit_stem=patch vit_feature_norm=rms   # CTViT's own, at demo size
     python benchmarks/bench_vit_toy.py --set vit_stem=patch --variant no-patch-layernorm --augment   # diagnostics
+    python benchmarks/bench_vit_toy.py --kinds order beads --variant stem-3-slices
 
 ``--variant no-patch-layernorm`` (a diagnostic, not an option of ``ViT3D``; with ``vit_stem=patch``) drops
 CTViT's LayerNorm over each patch's pixels, which normalises away a patch's mean, i.e. its density in HU.
+``--variant stem-3-slices`` (with the demo's convolutional stem) makes the stem's first convolution span 3
+slices, so that every token sees its neighbours along z before any attention: does a ViT that sees slice
+order in its tokens learn the ``order`` and ``beads`` cues? (Measured: no; docs/results.md.)
 ``--augment``: random flips, transposes and in-plane shifts of each training volume.
 """
 
@@ -26,12 +30,34 @@ import argparse
 import time
 
 import torch
+from einops import rearrange
+from torch import Tensor, nn
 
 from ctlib.models import CNN3D, ViT3D, vit_kwargs
 from ctlib.profiles import get_profile, parse_overrides
 from ctlib.toys import KINDS, learning_check
+from ctlib.vit import ConvStem
 
-VARIANTS = ("none", "no-patch-layernorm")
+VARIANTS = ("none", "no-patch-layernorm", "stem-3-slices")
+
+
+class ThreeSliceStem(nn.Module):
+    """The diagnostic ``stem-3-slices``: a :class:`ctlib.vit.ConvStem` whose first convolution spans 3 slices
+    (3x3x3, stride 1 along the slices, zero-padded; then its BatchNorm and ReLU over the volume), so that each
+    token sees its slice and the ones above and below before any attention; the rest of the stem as it is."""
+
+    def __init__(self, stem: ConvStem) -> None:
+        super().__init__()
+        first = stem.net[0]
+        self.first = nn.Sequential(
+            nn.Conv3d(1, first.out_channels, 3, stride=(1, 2, 2), padding=1, bias=False),
+            nn.BatchNorm3d(first.out_channels), nn.ReLU())
+        self.rest = stem.net[3:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        y = rearrange(self.first(x[:, None]), "b c s h w -> (b s) c h w")
+        return rearrange(self.rest(y), "(b s) d h w -> b s (h w) d", b=b)
 
 
 def vit_variant(model: ViT3D, variant: str) -> ViT3D:
@@ -40,6 +66,10 @@ def vit_variant(model: ViT3D, variant: str) -> ViT3D:
         if model.stem != "patch":
             raise SystemExit("--variant no-patch-layernorm needs CTViT's patch embedding: --set vit_stem=patch")
         model.patch_embed[0] = torch.nn.Identity()
+    elif variant == "stem-3-slices":
+        if model.stem != "conv":
+            raise SystemExit("--variant stem-3-slices needs the convolutional stem: --set vit_stem=conv")
+        model.patch_embed = ThreeSliceStem(model.patch_embed)
     return model
 
 

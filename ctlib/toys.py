@@ -14,6 +14,9 @@ at 5.5 mm pixels and 10 mm slices: air, an elliptic body with a ~4-pixel soft-ti
   15 mm and 4 of 5 mm in both classes. Negative: R R R r r r r or its reverse (a vessel that tapers);
   positive: r r R R R r r (a nodule threaded on a thin vessel). Positives and negatives hold the same
   multiset of slices, so a model that ignores the order of the slices cannot tell them apart.
+- ``"beads"``: a coarser slice order, 4 slices: negative R R r r, positive R r R r (two large discs
+  apart, a thin vessel between), each or its reverse. The two classes differ in where the large discs sit
+  relative to each other, which a model sees without telling a thin disc from lung; same multiset again.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from torch import Tensor, nn
 from ctlib.metrics import auroc_rank
 from ctlib.train import warmup_factor
 
-KINDS = ("ball", "order")
+KINDS = ("ball", "order", "beads")
+COLUMN_SLICES = {"order": 7, "beads": 4}  # slices of the column of discs
 SOFT_TISSUE, LUNG, AIR = 0.04, -0.85, -1.0  # HU / 1000
 
 
@@ -47,8 +51,9 @@ def toy_volume(rng: np.random.Generator, kind: str, positive: bool, *, slices: i
     """One toy volume (S, H, W) float32 in [-1, 1] of ``kind`` (``"ball"`` or ``"order"``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if slices < (7 if kind == "order" else 3):
-        raise ValueError(f"a toy volume of kind {kind!r} needs at least {7 if kind == 'order' else 3} slices, got {slices}")
+    need = COLUMN_SLICES.get(kind, 3)
+    if slices < need:
+        raise ValueError(f"a toy volume of kind {kind!r} needs at least {need} slices, got {slices}")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     c = (size - 1) / 2
     ay, ax = size * rng.uniform(0.40, 0.46), size * rng.uniform(0.44, 0.49)  # body semi-axes
@@ -76,11 +81,15 @@ def toy_volume(rng: np.random.Generator, kind: str, positive: bool, *, slices: i
             dz = (z - zc) * slice_mm
             if abs(dz) < r_mm:
                 _paint(vol, z, _disc(yy, xx, cy, cx, np.sqrt(r_mm**2 - dz**2) / pixel_mm))
-    elif kind == "order":
+    elif kind in COLUMN_SLICES:
         big, small = 15.0 / pixel_mm, 5.0 / pixel_mm
-        flip, z0 = rng.random() < 0.5, rng.integers(0, slices - 6)  # drawn alike: twins differ in order only
-        radii = [small, small, big, big, big, small, small] if positive else [big] * 3 + [small] * 4
-        if flip and not positive:
+        n = COLUMN_SLICES[kind]  # drawn alike below: twins differ in order only
+        flip, z0 = rng.random() < 0.5, rng.integers(0, slices - n + 1)
+        if kind == "order":
+            radii = [small, small, big, big, big, small, small] if positive else [big] * 3 + [small] * 4
+        else:
+            radii = [big, small, big, small] if positive else [big, big, small, small]
+        if flip and (kind == "beads" or not positive):
             radii = radii[::-1]
         for i, radius in enumerate(radii):
             _paint(vol, z0 + i, _disc(yy, xx, cy, cx, radius))

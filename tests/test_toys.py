@@ -30,16 +30,27 @@ def test_the_ball_is_the_wide_body() -> None:
     assert auroc_rank(y.numpy(), score)[0] > 0.95
 
 
-def test_order_twins_hold_the_same_discs_in_another_order() -> None:
+@pytest.mark.parametrize(("kind", "n"), [("order", 7), ("beads", 4)])
+def test_order_twins_hold_the_same_discs_in_another_order(kind, n) -> None:
     """The same anatomy with and without the cue (one seed): the column's discs, what the volume adds to
     the anatomy alone (the ball toy's negative of that seed), cover the same areas slice by slice up to a
     reordering of the slices, and in another order."""
     for seed in range(5):
         anatomy = toy_volume(np.random.default_rng(seed), "ball", False)
-        areas = [(toy_volume(np.random.default_rng(seed), "order", positive) != anatomy).sum(axis=(1, 2))
+        areas = [(toy_volume(np.random.default_rng(seed), kind, positive) != anatomy).sum(axis=(1, 2))
                  for positive in (True, False)]
         assert sorted(areas[0]) == sorted(areas[1]) and not np.array_equal(areas[0], areas[1])
-        assert (areas[0] > 0).sum() == 7
+        assert (areas[0] > 0).sum() == n
+
+
+def test_beads_put_the_large_discs_apart_in_a_positive() -> None:
+    """In a positive the two slices with the largest added area are two apart, in a negative adjacent."""
+    for seed in range(6):
+        anatomy = toy_volume(np.random.default_rng(seed), "ball", False)
+        for positive, gap in ((True, 2), (False, 1)):
+            area = (toy_volume(np.random.default_rng(seed), "beads", positive) != anatomy).sum(axis=(1, 2))
+            top = np.sort(np.argsort(area)[-2:])
+            assert top[1] - top[0] == gap, (seed, positive, area)
 
 
 def test_toy_arguments() -> None:
@@ -48,6 +59,9 @@ def test_toy_arguments() -> None:
         toy_volume(rng, "cube", True)
     with pytest.raises(ValueError, match="at least 7"):
         toy_volume(rng, "order", True, slices=6)
+    with pytest.raises(ValueError, match="at least 4"):
+        toy_volume(rng, "beads", True, slices=3)
+    assert toy_volume(rng, "beads", False, slices=4, size=32).shape == (4, 32, 32)
     assert toy_volume(rng, "ball", True, slices=3, size=32).shape == (3, 32, 32)
 
 
@@ -86,3 +100,15 @@ def test_bench_variant_no_patch_layernorm_lets_density_through() -> None:
         assert torch.allclose(embed(x), embed(x + 0.5), atol=1e-4) == blind, variant
     with pytest.raises(SystemExit, match="vit_stem=patch"):
         bench.vit_variant(ViT3D(**kw, stem="conv"), "no-patch-layernorm")
+    with pytest.raises(SystemExit, match="vit_stem=conv"):
+        bench.vit_variant(ViT3D(**kw), "stem-3-slices")
+    # stem-3-slices: a token sees the slices next to its own, and nothing further along z
+    kw3 = {**kw, "max_slices": 5, "stem": "conv"}
+    torch.manual_seed(0)
+    net = bench.vit_variant(ViT3D(**kw3), "stem-3-slices").eval()
+    x = torch.rand(1, 5, 16, 16)
+    y = x.clone()
+    y[0, 2] += 0.5
+    moved = (net.patch_embed(y) - net.patch_embed(x)).abs().amax(dim=(0, 2, 3))
+    assert (moved[1:4] > 1e-4).all() and (moved[[0, 4]] == 0).all(), moved
+    assert net.patch_embed(x).shape == ViT3D(**kw3).patch_embed(x).shape == (1, 5, 4, 16)

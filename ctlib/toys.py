@@ -48,7 +48,7 @@ def _paint(vol: np.ndarray, z: int, cover: np.ndarray) -> None:
 
 def toy_volume(rng: np.random.Generator, kind: str, positive: bool, *, slices: int = 16, size: int = 56,
                pixel_mm: float = 5.5, slice_mm: float = 10.0) -> np.ndarray:
-    """One toy volume (S, H, W) float32 in [-1, 1] of ``kind`` (``"ball"`` or ``"order"``)."""
+    """One toy volume (S, H, W) float32 in [-1, 1] of ``kind`` (one of ``KINDS``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     need = COLUMN_SLICES.get(kind, 3)
@@ -89,7 +89,7 @@ def toy_volume(rng: np.random.Generator, kind: str, positive: bool, *, slices: i
             radii = [small, small, big, big, big, small, small] if positive else [big] * 3 + [small] * 4
         else:
             radii = [big, small, big, small] if positive else [big, big, small, small]
-        if flip and (kind == "beads" or not positive):
+        if flip:  # the order positive is its own reverse
             radii = radii[::-1]
         for i, radius in enumerate(radii):
             _paint(vol, z0 + i, _disc(yy, xx, cy, cx, radius))

@@ -246,7 +246,7 @@ def vit_attention(
     return _normalise(_to_voxels(tokens, h, w), normalize).cpu().numpy().astype(np.float32)
 
 
-def _attention_with_grads(model: nn.Module, vit: nn.Module, x: Tensor,
+def attention_with_grads(model: nn.Module, vit: nn.Module, x: Tensor,
                           class_index: int) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
     """Runs ``model(x)`` with the ViT keeping its attention probabilities and its final tokens (the output
     of ``vit.norm``, ((B N), S, D)); returns the attention maps, the gradients of logit ``class_index``
@@ -317,7 +317,7 @@ def vit_relevance_tokens(model: nn.Module, volume: Tensor | np.ndarray, class_in
     vit = _vit_of(model)
     x = _as_volume(volume, _device_of(model))
     s = x.shape[1]
-    attn, grads, final, final_grad = _attention_with_grads(model, vit, x, class_index)
+    attn, grads, final, final_grad = attention_with_grads(model, vit, x, class_index)
     depth = len(vit.spatial)
     # b = 1: the spatial layers' batch is the S slices, the slice-wise layers' the N positions
     spatial = gradient_rollout(torch.stack(attn[:depth], dim=1), torch.stack(grads[:depth], dim=1))

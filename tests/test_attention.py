@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctlib.attention import (
-    _attention_with_grads,
     as_distribution,
+    attention_with_grads,
     compose_rollout,
     concentration,
     find_block,
@@ -461,7 +461,7 @@ def test_vit_relevance_finds_the_lesion_of_a_phantom():
         masses.append((float(tokens[s0:s0 + 2, r * grid + c].sum()),
                        float(vol[s0:s0 + 2, r * p:(r + 1) * p, c * p:(c + 1) * p].sum())))
         # the former map: equal output-token weights, rollouts not normalised
-        attn, grads, _, _ = _attention_with_grads(vit, vit, x[None], 0)
+        attn, grads, _, _ = attention_with_grads(vit, vit, x[None], 0)
         old = compose_rollout(gradient_rollout(torch.stack(attn[:1], 1), torch.stack(grads[:1], 1)),
                               gradient_rollout(torch.stack(attn[1:], 1), torch.stack(grads[1:], 1)))
         old_masses.append(float(old[s0:s0 + 2, r * grid + c].sum() / old.sum()))

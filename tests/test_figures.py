@@ -45,7 +45,7 @@ PARAMETERS = {
 }
 
 
-def _phantom(rng: np.random.Generator, lesion_slice: int | None = None, s: int = 6, n: int = 32) -> np.ndarray:
+def phantom(rng: np.random.Generator, lesion_slice: int | None = None, s: int = 6, n: int = 32) -> np.ndarray:
     """(S, H, W) model input in [-1, 1]: a body ellipse with two lungs, optionally a nodule."""
     yy, xx = np.mgrid[:n, :n]
     vol = np.full((s, n, n), -1.0)
@@ -88,7 +88,7 @@ def test_pick_examples_finds_the_lesion_slice_and_the_cleanest_positive():
     labels[[3, 7], k] = 1
     labels[7, 0] = labels[7, 1] = 1  # volume 7 has other abnormalities too
     lesion = {3: 4, 7: 2}
-    vols = {i: _phantom(rng, lesion.get(i)) for i in range(n)}
+    vols = {i: phantom(rng, lesion.get(i)) for i in range(n)}
     loads: list[int] = []
 
     def load(i: int) -> np.ndarray:
@@ -114,7 +114,7 @@ def test_pick_examples_with_known_lesions_shows_the_slice_through_the_lesion(tmp
     labels = np.zeros((n, len(CLASSES)), dtype=int)
     k = CLASSES.index("Lung nodule")
     labels[[2, 5, 8], k] = 1
-    vols = {i: _phantom(rng, None, s=8) for i in range(n)}  # no visible cue: only the truth can tell
+    vols = {i: phantom(rng, None, s=8) for i in range(n)}  # no visible cue: only the truth can tell
     masks = {i: np.zeros((8, 32, 32), bool) for i in (2, 5, 8)}
     masks[2][3, 10:12, 10:12] = True  # 4 voxels on slice 3
     masks[5][6, 14:18, 20:23] = True  # 12 voxels on slice 6, 2 on slice 5
@@ -167,7 +167,7 @@ def test_figure1_and_montage_are_drawn(tmp_path):
     labels = np.zeros((6, len(CLASSES)), dtype=int)
     labels[1, CLASSES.index("Lung nodule")] = 1
     labels[2, CLASSES.index("Atelectasis")] = 1
-    vols = {i: _phantom(rng, 3 if i == 1 else None) for i in range(6)}
+    vols = {i: phantom(rng, 3 if i == 1 else None) for i in range(6)}
     ex = F.pick_examples(labels, vols.__getitem__, ["Lung nodule", "Atelectasis"])
     fig = F.plot_representative_slices(ex, normalized_range=(-1000, 1000), path=tmp_path / "fig1.png")
     assert isinstance(fig, Figure) and len([a for a in fig.axes if a.images]) == 4
@@ -213,7 +213,7 @@ def test_label_caption():
 
 def test_slice_viewer_builds_a_widget():
     rng = np.random.default_rng(2)
-    w = F.slice_viewer({"a": _phantom(rng), "b": _phantom(rng, s=4)}, normalized_range=(-1000, 1000))
+    w = F.slice_viewer({"a": phantom(rng), "b": phantom(rng, s=4)}, normalized_range=(-1000, 1000))
     pytest.importorskip("ipywidgets")
     assert w is not None and len(w.children) >= 2
 
@@ -267,7 +267,7 @@ def test_tsne_figure_has_a_discrete_colour_bar(tmp_path):
 
 def test_attention_overlay_figure(tmp_path):
     rng = np.random.default_rng(5)
-    ct = _phantom(rng)
+    ct = phantom(rng)
     m = rng.random(ct.shape).astype(np.float32)
     cases = [F.AttentionCase("Lung nodule", ct, {"ViT attention": m, "ResNet Grad-CAM": m}, [1, 3]),
              F.AttentionCase("Mosaic attenuation pattern", ct, {"ViT attention": m, "ResNet Grad-CAM": m},
@@ -341,7 +341,7 @@ def test_prevalence_alpha_comparison_and_retrieval_figures(tmp_path):
     t2 = paper_table2()
     assert _is_png(F.save_figure(F.plot_metric_comparison(t2, t2), tmp_path / "cmp.png"))
     rng = np.random.default_rng(7)
-    imgs = [[_phantom(rng)[2] for _ in range(4)]] * 2
+    imgs = [[phantom(rng)[2] for _ in range(4)]] * 2
     caps = [["query", "1", "2", "3"]] * 2
     fig = F.plot_retrieval(imgs, caps, normalized_range=(-1000, 1000), path=tmp_path / "r.png")
     assert sum(1 for a in fig.axes if a.images) == 8 and _is_png(tmp_path / "r.png")

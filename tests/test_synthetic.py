@@ -27,9 +27,9 @@ from ctlib.data import (
     parse_volume_name,
     volume_relpath,
 )
-from ctlib.synthetic.anatomy import _cavity_depth, _heart
-from ctlib.synthetic.plan import _draw_labels, _plan
-from ctlib.synthetic.scanner import _phantom
+from ctlib.synthetic.anatomy import cavity_depth, heart_shape
+from ctlib.synthetic.plan import draw_labels, plan
+from ctlib.synthetic.scanner import phantom
 
 SHAPE = (64, 64, 24)
 SPACING = (5.5, 5.5, 10.0)  # the demo profile's resampled resolution: signatures must survive it
@@ -358,12 +358,12 @@ def test_prevalence_follows_table1():
     for cls, total in TABLE1_TOTAL.items():
         assert synthetic.PREVALENCE[cls] == pytest.approx(total / 3000)
     assert set(synthetic.PREVALENCE) == set(CLASSES) == set(synthetic.SIGNATURES)
-    labels = _draw_labels(np.random.default_rng(0), 20000)
+    labels = draw_labels(np.random.default_rng(0), 20000)
     p = np.array([synthetic.PREVALENCE[c] for c in CLASSES])
     se = np.sqrt(p * (1 - p) / len(labels))
     assert np.all(np.abs(labels.mean(axis=0) - p) < 4 * se + 1e-3)
     # the labels of a planned snapshot (scans, repeat scans) keep the marginals
-    vols = _plan(3000, seed=5)
+    vols = plan(3000, seed=5)
     scans = {(v.base, v.scan): v.labels for v in vols if v.kind == "chest"}
     lab = np.array(list(scans.values()))
     se = np.sqrt(p * (1 - p) / len(lab))
@@ -371,7 +371,7 @@ def test_prevalence_follows_table1():
 
 
 def test_realistic_cooccurrence():
-    lab = _draw_labels(np.random.default_rng(1), 20000).astype(bool)
+    lab = draw_labels(np.random.default_rng(1), 20000).astype(bool)
     col = {c: lab[:, i] for i, c in enumerate(CLASSES)}
 
     def lift(a: str, b: str) -> float:
@@ -389,7 +389,7 @@ def test_realistic_cooccurrence():
         y = col[c3]
         for k in range(others.shape[1]):
             assert abs(y[others[:, k]].mean() - y[~others[:, k]].mean()) < 0.03
-    vols = _plan(400, seed=2)
+    vols = plan(400, seed=2)
     age = np.array([v.age for v in vols if v.kind == "chest"])
     calc = np.array(
         [v.labels[CLASSES.index("Coronary artery wall calcification")] for v in vols if v.kind == "chest"]
@@ -398,7 +398,7 @@ def test_realistic_cooccurrence():
 
 
 def test_snapshot_split_proportions():
-    vols = _plan(300, seed=0)
+    vols = plan(300, seed=0)
     patients = {(v.split, v.base[2]) for v in vols}
     n_valid = sum(s == "valid" for s, _ in patients)
     assert len(patients) == 300 and n_valid == 45
@@ -416,7 +416,7 @@ def test_snapshot_split_proportions():
 # --------------------------------------------------------------------------------------------
 @cache
 def _ph(labels: tuple[str, ...], seed: int, shape=SHAPE, spacing=SPACING):
-    return _phantom({c: 1 for c in labels}, seed=seed, shape=shape, spacing=spacing)
+    return phantom({c: 1 for c in labels}, seed=seed, shape=shape, spacing=spacing)
 
 
 def _pair(cls: str, seed: int):
@@ -453,7 +453,7 @@ def test_signature_is_drawn_in_the_centre_slices(cls):
 def test_no_label_no_lesion():
     """The unlabelled volume equals the labelled one outside the drawn lesion."""
     off = _ph((), 0).hu
-    again = _phantom({}, seed=0, shape=SHAPE, spacing=SPACING).hu
+    again = phantom({}, seed=0, shape=SHAPE, spacing=SPACING).hu
     assert np.array_equal(off, again)
     assert off.max() < 2000
 
@@ -486,7 +486,7 @@ def test_cardiomegaly_enlarges_the_heart():
     for seed in (0, 1):
         off, on, ph = _pair("Cardiomegaly", seed)
         X, Y, _ = _coords(ph)
-        cavity = _cavity_depth(ph.anatomy, X, Y) > 5
+        cavity = cavity_depth(ph.anatomy, X, Y) > 5
         assert _count(cavity, on, 0, 100) > 1.12 * _count(cavity, off, 0, 100)
         assert _in_lung_off(on).sum() < 0.93 * _in_lung_off(off).sum()
 
@@ -495,7 +495,7 @@ def test_pericardial_effusion_is_a_fluid_rim():
     for seed in (0, 1):
         off, on, ph = _pair("Pericardial effusion", seed)
         X, Y, Z = _coords(ph)
-        (hx, hy, hz), (ra, rb, rc), _ = _heart(ph.anatomy, ph.lesions)
+        (hx, hy, hz), (ra, rb, rc), _ = heart_shape(ph.anatomy, ph.lesions)
         near = np.sqrt((X - hx) ** 2 + (Y - hy) ** 2) < max(ra, rb) + 35
         assert _count(near, on, -10, 30) > _count(near, off, -10, 30) + 20
 
@@ -504,7 +504,7 @@ def test_coronary_calcification_on_the_heart():
     for seed in (0, 1, 2):
         off, on, ph = _pair("Coronary artery wall calcification", seed)
         X, Y, Z = _coords(ph)
-        (hx, hy, hz), (ra, rb, rc), _ = _heart(ph.anatomy, ph.lesions)
+        (hx, hy, hz), (ra, rb, rc), _ = heart_shape(ph.anatomy, ph.lesions)
         # + half a slice: the chest's z is sampled at 12 mm here (the nodule column's still slots shorten it)
         near = np.sqrt((X - hx) ** 2 + (Y - hy) ** 2 + (Z - hz) ** 2) < max(ra, rb, rc) + 10 + 0.5 * ph.grid.hz
         assert _count(near, on, 250, np.inf) > _count(near, off, 250, np.inf)
@@ -517,7 +517,7 @@ def test_hiatal_hernia_has_gas_behind_the_heart():
         X, Y, Z = _coords(ph)
         new_gas = (on < -700) & (off > -300)
         assert new_gas.sum() > 3
-        (hx, hy, hz), _, _ = _heart(ph.anatomy, ph.lesions)
+        (hx, hy, hz), _, _ = heart_shape(ph.anatomy, ph.lesions)
         assert Y[new_gas].mean() > hy  # posterior to the heart centre
         assert Z[new_gas].mean() < hz + 10
 
@@ -602,7 +602,7 @@ def test_pleural_effusion_is_fluid_at_the_dependent_base():
         off, on, ph = _pair("Pleural effusion", seed)
         X, Y, Z = _coords(ph)
         a = ph.anatomy
-        base = (Y > a.cyc) & (Z < 10) & (_cavity_depth(a, X, Y) > 0)
+        base = (Y > a.cyc) & (Z < 10) & (cavity_depth(a, X, Y) > 0)
         assert _count(base, on, -20, 45) > _count(base, off, -20, 45) + 30
 
 
@@ -650,7 +650,7 @@ def test_septal_thickening_lies_in_the_periphery():
         X, Y, _ = _coords(ph)
         up = (on - off) > 80
         assert up.sum() > 20
-        depth = _cavity_depth(ph.anatomy, X[up], Y[up])
+        depth = cavity_depth(ph.anatomy, X[up], Y[up])
         assert np.mean(depth < 35) > 0.9
 
 
@@ -660,7 +660,7 @@ def test_resolution_independent_placement():
     slots) at 2.75 and at 5.5 mm pixels."""
     centres = []
     for shape, spacing in ((SHAPE, SPACING), ((128, 128, 48), (2.75, 2.75, 5.0))):
-        on = _phantom({"Lymphadenopathy": 1}, seed=7, shape=shape, spacing=spacing)
+        on = phantom({"Lymphadenopathy": 1}, seed=7, shape=shape, spacing=spacing)
         up = (on.truth.mask() >> CLASSES.index("Lymphadenopathy")) & 1 == 1
         X, Y, Z = np.meshgrid(on.grid.x, on.grid.y, on.grid.z, indexing="ij")
         centres.append(np.array([X[up].mean(), Y[up].mean(), Z[up].mean()]))

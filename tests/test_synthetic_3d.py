@@ -29,7 +29,7 @@ from ctlib.preprocess import preprocess
 from ctlib.profiles import DEMO, SMOKE
 from ctlib.synthetic import column
 from ctlib.synthetic.column import ContextGrid
-from ctlib.synthetic.scanner import Context, _phantom
+from ctlib.synthetic.scanner import Context, phantom
 
 NODULE = "Lung nodule"
 PROFILES = {"demo": DEMO, "smoke": SMOKE}
@@ -46,7 +46,7 @@ def _twins(name: str, seed: int, strength: float = 1.0, others: bool = False):
     labels = dict.fromkeys(CLASSES, int(others))
     out = []
     for positive in (1, 0):
-        ph = _phantom({**labels, NODULE: positive}, seed=seed, shape=prof.synthetic_shape,
+        ph = phantom({**labels, NODULE: positive}, seed=seed, shape=prof.synthetic_shape,
                       spacing=prof.synthetic_spacing, context=_context(prof, strength))
         x = preprocess(ph.hu.astype(np.float32), spacing=prof.synthetic_spacing, target_spacing=prof.target_spacing,
                        size=prof.size_3d, num_slices=prof.num_slices, hu_range=prof.hu_range)
@@ -146,7 +146,7 @@ def _column_crops(seeds) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for seed in seeds:
         for positive in (0, 1):
-            ph = _phantom({NODULE: positive}, seed=seed, shape=(64, 64, 24), spacing=(5.5, 5.5, 10.0),
+            ph = phantom({NODULE: positive}, seed=seed, shape=(64, 64, 24), spacing=(5.5, 5.5, 10.0),
                           context=Context(1.0, grid))
             hu = np.clip(ph.hu.astype(np.float32), -1000, 1000) / 1000
             lay, g = ph.anatomy.columns, ph.grid

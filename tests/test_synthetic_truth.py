@@ -13,8 +13,8 @@ from scipy import ndimage
 from ctlib import synthetic
 from ctlib.data import CLASSES, LABELS_CSV, load_cohort, read_hu, volume_relpath
 from ctlib.preprocess import Preprocessing
-from ctlib.synthetic.scanner import _phantom
-from ctlib.synthetic.truth import LESION_COLUMNS, _save_mask
+from ctlib.synthetic.scanner import phantom
+from ctlib.synthetic.truth import LESION_COLUMNS, save_mask
 
 SHAPE = (64, 64, 24)
 SPACING = (5.5, 5.5, 10.0)
@@ -90,8 +90,8 @@ def test_mask_lies_where_the_signature_changed_the_volume(cls):
     """(2D classes; a 3D class's lesion sits where a negative has a vessel of the same HU: see
     test_synthetic.py, test_lung_nodule_is_a_sphere_below_a_cut_vessel.)"""
     kw = dict(seed=2, shape=(128, 128, 48), spacing=(2.75, 2.75, 5.0))
-    off = _phantom({}, **kw)
-    on = _phantom({cls: 1}, **kw)
+    off = phantom({}, **kw)
+    on = phantom({cls: 1}, **kw)
     k = CLASSES.index(cls)
     m = (on.truth.mask() >> k) & 1 == 1
     assert m.any() and not (off.truth.mask() != 0).any()
@@ -121,7 +121,7 @@ def test_model_frame_masks_land_where_preprocess_puts_the_lesion(tmp_path, prep,
     k = CLASSES.index("Lung nodule")
     mask[box] = 1 << k
     name = "train_1_a_1.nii.gz"
-    _save_mask(tmp_path, name, mask)
+    save_mask(tmp_path, name, mask)
     framed = synthetic.lesion_masks_for_model(tmp_path, name, prep, spacing)
     assert framed.shape == (18, *prep.shape) and framed.dtype == bool
     cube = prep.apply(hu, spacing) >= 0.0  # at least half covered: the mask's rule too

@@ -11,10 +11,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ctlib.figures.style import (
-    _finish,
-    _imshow_ct,
-    _new_figure,
-    _wrap,
+    finish,
+    imshow_ct,
+    new_figure,
+    wrap,
 )
 
 
@@ -48,7 +48,7 @@ def plot_attention_overlays(
         raise ValueError("no cases to plot")
     ncols = max(len(c.slices) or 1 for c in cases)
     nrows = sum(1 + len(c.maps) for c in cases)
-    fig = _new_figure(1.9 * ncols + 1.4, 1.85 * nrows + 0.35 * len(cases))
+    fig = new_figure(1.9 * ncols + 1.4, 1.85 * nrows + 0.35 * len(cases))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -67,7 +67,7 @@ def plot_attention_overlays(
             for c, s in enumerate(slices):
                 ax = axes[row + r, c]
                 ax.set_axis_on()
-                _imshow_ct(ax, ct[s], normalized_range)
+                imshow_ct(ax, ct[s], normalized_range)
                 if m is not None:
                     mm = np.clip(np.asarray(m, dtype=np.float32)[s], 0.0, 1.0)
                     ax.imshow(mm, cmap=cmap, vmin=0, vmax=1, alpha=max_alpha * mm)
@@ -75,9 +75,9 @@ def plot_attention_overlays(
                     ax.set_title(f"{case.title}\nslice {s}" if c == 0 else f"\nslice {s}", fontsize=8,
                                  loc="left" if c == 0 else "center")
                 if c == 0:
-                    ax.set_ylabel(_wrap(name, 14), fontsize=8)
+                    ax.set_ylabel(wrap(name, 14), fontsize=8)
         row += len(block)
     sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 1), cmap=cmap)
     cb = fig.colorbar(sm, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, shrink=0.5)
     cb.set_label("saliency (0 to 1 per volume)")
-    return _finish(fig, path)
+    return finish(fig, path)

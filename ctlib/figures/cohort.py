@@ -14,9 +14,9 @@ from ctlib.data import CLASSES
 from ctlib.figures.style import (
     LUNG_WINDOW,
     STYLE,
-    _color,
-    _finish,
-    _new_figure,
+    class_color,
+    finish,
+    new_figure,
     short_name,
 )
 
@@ -53,7 +53,7 @@ def plot_cooccurrence(
     with np.errstate(invalid="ignore", divide="ignore"):
         cond = np.where(diag[:, None] > 0, both / diag[:, None], np.nan)
     names = [short_name(c) for c in classes]
-    fig = _new_figure(9.5, 8.2)
+    fig = new_figure(9.5, 8.2)
     ax = fig.subplots()
     with mpl.rc_context(STYLE):
         sns.heatmap(pd.DataFrame(cond, index=names, columns=names), ax=ax, cmap="mako_r", vmin=0, vmax=1,
@@ -61,7 +61,7 @@ def plot_cooccurrence(
                     linecolor="white", cbar_kws={"label": "P(column class | row class)", "shrink": 0.7})
     ax.set_xticklabels(names, rotation=60, ha="right")
     ax.set_title(f"Label co-occurrence (N = {len(y)} volumes; numbers: volumes with both)")
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def hu_sample(volumes: Sequence[np.ndarray], *, max_voxels: int = 200_000, seed: int = 0) -> np.ndarray:
@@ -101,7 +101,7 @@ def plot_hu_histograms(
     lo, hi = hu_range
     edges = np.linspace(lo, hi, bins + 1)
     centers = (edges[:-1] + edges[1:]) / 2
-    fig = _new_figure(7.0, 3.8)
+    fig = new_figure(7.0, 3.8)
     ax = fig.subplots()
     if show_windows:
         c, w = LUNG_WINDOW
@@ -114,7 +114,7 @@ def plot_hu_histograms(
         if v.size == 0:
             continue
         dens, _ = np.histogram(v, bins=edges, density=True)
-        ax.step(centers, np.maximum(dens, 1e-9), where="mid", color=_color(j), lw=1.2,
+        ax.step(centers, np.maximum(dens, 1e-9), where="mid", color=class_color(j), lw=1.2,
                 label=f"{name} ({v.size:,} voxels)")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
@@ -123,7 +123,7 @@ def plot_hu_histograms(
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend(frameon=False, fontsize=7, loc="upper right")
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def plot_class_prevalence(
@@ -148,11 +148,11 @@ def plot_class_prevalence(
         raise ValueError("ours has no class rows")
     share_ours = ours.loc[classes, column].astype(float)
     share_ours = share_ours / max(share_ours.sum(), 1e-12)
-    fig = _new_figure(7.5, 0.3 * len(classes) + 1.3)
+    fig = new_figure(7.5, 0.3 * len(classes) + 1.3)
     ax = fig.subplots()
     y = np.arange(len(classes))[::-1].astype(float)
     h = 0.38 if paper is not None else 0.7
-    ax.barh(y + (h / 2 if paper is not None else 0), share_ours.to_numpy(), height=h, color=_color(0),
+    ax.barh(y + (h / 2 if paper is not None else 0), share_ours.to_numpy(), height=h, color=class_color(0),
             label=ours_label)
     if paper is not None:
         share_paper = paper.reindex(classes)[column].astype(float)
@@ -165,4 +165,4 @@ def plot_class_prevalence(
     ax.grid(axis="x", color="0.93")
     ax.legend(frameon=False, loc="lower right")
     ax.set_title("Class distribution (Table 1)")
-    return _finish(fig, path)
+    return finish(fig, path)

@@ -12,10 +12,10 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 
 from ctlib.figures.style import (
-    _color,
-    _finish,
-    _imshow_ct,
-    _new_figure,
+    class_color,
+    finish,
+    imshow_ct,
+    new_figure,
 )
 
 
@@ -42,7 +42,7 @@ def plot_tsne(
     base = mpl.colormaps["viridis"].resampled(levels)
     cmap = ListedColormap(base(np.arange(levels)))
     norm = BoundaryNorm(np.arange(-0.5, levels + 0.5), cmap.N)
-    fig = _new_figure(6.4, 5.2)
+    fig = new_figure(6.4, 5.2)
     ax = fig.subplots()
     order = np.argsort(counts, kind="stable")  # the many-abnormality cases on top
     sc = ax.scatter(emb[order, 0], emb[order, 1], c=counts[order], cmap=cmap, norm=norm, s=marker_size,
@@ -55,7 +55,7 @@ def plot_tsne(
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
     ax.set_title(f"{title}\n(N = {len(counts)} volumes)")
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 
@@ -76,7 +76,7 @@ def plot_retrieval(
     if not images:
         raise ValueError("no retrieval rows to plot")
     ncols = max(len(r) for r in images)
-    fig = _new_figure(1.9 * ncols, 2.25 * len(images))
+    fig = new_figure(1.9 * ncols, 2.25 * len(images))
     axes = fig.subplots(len(images), ncols, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -84,11 +84,11 @@ def plot_retrieval(
         for j, (img, cap) in enumerate(zip(row, caps, strict=True)):
             ax = axes[i, j]
             ax.set_axis_on()
-            _imshow_ct(ax, img, normalized_range)
+            imshow_ct(ax, img, normalized_range)
             ax.set_title(cap, fontsize=6.5)
             if j == 0:
                 for spine in ax.spines.values():
                     spine.set_visible(True)
-                    spine.set_color(_color(1))
+                    spine.set_color(class_color(1))
                     spine.set_linewidth(2.5)
-    return _finish(fig, path)
+    return finish(fig, path)

@@ -8,8 +8,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
 
 from ctlib.figures.style import (
-    _finish,
-    _new_figure,
+    finish,
+    new_figure,
 )
 
 
@@ -32,7 +32,7 @@ def plot_pipeline(
     then slice-wise transformer) -> projection -> residual_3d; x_2d + alpha * residual_3d -> head ->
     18 labels. The sizes printed in the boxes are the arguments (the paper's by default).
     """
-    fig = _new_figure(12.5, 4.6, layout=None)
+    fig = new_figure(12.5, 4.6, layout=None)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 40)
@@ -95,4 +95,4 @@ def plot_pipeline(
             va="top", fontsize=11, fontweight="bold")
     ax.text(86.5, 7.5, f"{alpha} = 0: ResNet only\n{alpha} = 1: equal weights\nlearned {alpha}: a parameter",
             ha="center", va="top", fontsize=7.5, color="0.3", linespacing=1.4)
-    return _finish(fig, path)
+    return finish(fig, path)

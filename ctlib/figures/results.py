@@ -13,9 +13,9 @@ from matplotlib.figure import Figure
 
 from ctlib.data import CLASSES
 from ctlib.figures.style import (
-    _color,
-    _finish,
-    _new_figure,
+    class_color,
+    finish,
+    new_figure,
 )
 
 
@@ -56,7 +56,7 @@ def plot_per_class_auroc(
             lab = f"{lab} (n={int(first.loc[r, 'n_pos'])})"
         labels.append(lab)
     m = len(results)
-    fig = _new_figure(8.0, 0.32 * len(rows) + 1.8)
+    fig = new_figure(8.0, 0.32 * len(rows) + 1.8)
     ax = fig.subplots()
     y = np.arange(len(rows))[::-1].astype(float)
     offsets = ((m - 1) / 2 - np.arange(m)) * (0.72 / max(m, 1))  # first model on top
@@ -73,7 +73,7 @@ def plot_per_class_auroc(
         err = np.clip(err, 0.0, None)
         macro = f"{auc[-1]:.3f}" if include_macro and np.isfinite(auc[-1]) else "n/a"
         ax.errorbar(auc[ok], (y + offsets[j])[ok], xerr=err[:, ok], fmt="o", ms=4, capsize=2, lw=1,
-                    color=_color(j), label=f"{name} (macro {macro})")
+                    color=class_color(j), label=f"{name} (macro {macro})")
     ax.axvline(0.5, color="0.6", ls="--", lw=0.8)
     if include_macro:
         ax.axhline(0.5, color="0.8", lw=0.8)
@@ -89,7 +89,7 @@ def plot_per_class_auroc(
     ax.grid(axis="x", color="0.92")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), ncols=1 if m > 3 else m, frameon=False)
     ax.set_title(title)
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 
@@ -110,17 +110,17 @@ def plot_learning_curves(
     if not histories:
         raise ValueError("no histories to plot")
     has_auc = any("val_auroc" in h.columns for h in histories.values())
-    fig = _new_figure(10 if has_auc else 5.5, 3.6)
+    fig = new_figure(10 if has_auc else 5.5, 3.6)
     axes = fig.subplots(1, 2 if has_auc else 1, squeeze=False)[0]
     for j, (name, h) in enumerate(histories.items()):
         missing = {"epoch", "train_loss", "val_loss"} - set(h.columns)
         if missing:
             raise ValueError(f"history of {name!r} lacks columns {sorted(missing)}")
         marker = "o" if len(h) <= 30 else None
-        axes[0].plot(h["epoch"], h["train_loss"], ls="--", color=_color(j), marker=marker, ms=3)
-        axes[0].plot(h["epoch"], h["val_loss"], ls="-", color=_color(j), marker=marker, ms=3, label=name)
+        axes[0].plot(h["epoch"], h["train_loss"], ls="--", color=class_color(j), marker=marker, ms=3)
+        axes[0].plot(h["epoch"], h["val_loss"], ls="-", color=class_color(j), marker=marker, ms=3, label=name)
         if has_auc and "val_auroc" in h.columns:
-            axes[1].plot(h["epoch"], h["val_auroc"], color=_color(j), marker=marker, ms=3, label=name)
+            axes[1].plot(h["epoch"], h["val_auroc"], color=class_color(j), marker=marker, ms=3, label=name)
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("BCE loss")
     axes[0].set_title("Loss (dashed: train, solid: validation)")
@@ -133,7 +133,7 @@ def plot_learning_curves(
         axes[1].set_xlabel("epoch")
         axes[1].set_ylabel("macro AUROC")
         axes[1].set_title("Validation AUROC")
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 _WEIGHT_LABELS = {"alpha": ("α", "weight of the 3D residual"), "beta": ("β", "weight of the 2D features")}
@@ -160,7 +160,7 @@ def plot_alpha_trajectory(
         raise ValueError(f"weight must be one of {sorted(_WEIGHT_LABELS)}, got {weight!r}")
     symbol, meaning = _WEIGHT_LABELS[weight]
     runs = {f"learned {weight}": history} if isinstance(history, pd.DataFrame) else dict(history)
-    fig = _new_figure(5.5, 3.4)
+    fig = new_figure(5.5, 3.4)
     ax = fig.subplots()
     for a in fixed:
         ax.axhline(float(a), color="0.85", lw=0.8, zorder=0)
@@ -173,7 +173,7 @@ def plot_alpha_trajectory(
         al = h[weight].to_numpy(dtype=float)
         if initial is not None:
             ep, al = np.r_[0.0, ep], np.r_[float(initial), al]
-        ax.plot(ep, al, marker="o", ms=4, color=_color(j), label=name)
+        ax.plot(ep, al, marker="o", ms=4, color=class_color(j), label=name)
     ax.set_xlabel("epoch (0 = initial value)" if initial is not None else "epoch")
     ax.set_ylabel(f"{symbol} ({meaning})")
     ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
@@ -181,7 +181,7 @@ def plot_alpha_trajectory(
     ax.grid(color="0.93")
     if len(runs) > 1:
         ax.legend(frameon=False)
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 
@@ -204,13 +204,13 @@ def plot_metrics_vs_alpha(
     labels = [str(a) for a in ours.index]
     x = np.arange(len(labels))
     numeric = np.array([_is_number(a) for a in labels])
-    fig = _new_figure(2.6 * len(metrics), 3.2)
+    fig = new_figure(2.6 * len(metrics), 3.2)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, m in zip(axes, metrics, strict=True):
         if m not in ours.columns:
             raise ValueError(f"ours lacks metric column {m!r}")
         # Fixed alphas are joined by lines; "learned" stands apart (it is not a point on the alpha axis).
-        series = [("ours", ours[m].to_numpy(dtype=float), "o", "-", _color(0))]
+        series = [("ours", ours[m].to_numpy(dtype=float), "o", "-", class_color(0))]
         if paper is not None and m in paper.columns:
             series.append(("paper", paper.reindex(labels)[m].to_numpy(dtype=float), "s", "--", "0.5"))
         for name, vals, marker, ls, color in series:
@@ -222,7 +222,7 @@ def plot_metrics_vs_alpha(
         ax.set_ylim(0, 1.02)
         ax.grid(color="0.93")
     axes[0].legend(frameon=False)
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def _is_number(text: str) -> bool:
@@ -248,14 +248,14 @@ def plot_metric_comparison(
         paper: same layout (rows matched by name), or None.
     """
     models = list(ours.index)
-    fig = _new_figure(7.0, 3.4)
+    fig = new_figure(7.0, 3.4)
     ax = fig.subplots()
     x = np.arange(len(metrics))
     w = 0.8 / max(len(models), 1)
     for j, name in enumerate(models):
         vals = [float(ours.loc[name, m]) for m in metrics]
         pos = x - 0.4 + w * (j + 0.5)
-        bars = ax.bar(pos, vals, width=w * 0.95, color=_color(j), label=name)
+        bars = ax.bar(pos, vals, width=w * 0.95, color=class_color(j), label=name)
         ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1, color="0.3")
         if paper is not None and name in paper.index:
             pv = [float(paper.loc[name, m]) if m in paper.columns else np.nan for m in metrics]
@@ -267,7 +267,7 @@ def plot_metric_comparison(
     ax.grid(axis="y", color="0.93")
     ax.legend(frameon=False, ncols=min(len(models) + 1, 4), loc="lower left", bbox_to_anchor=(0, 1.0))
     ax.set_title(title, loc="left", pad=22)
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,12 +293,12 @@ def plot_context_sweep(
         sweep: rows of :func:`ctlib.tables.context_rows` (:data:`ctlib.tables.CONTEXT_COLUMNS`).
         differences: :func:`ctlib.tables.context_differences` (index lambda, group), or None.
     """
-    fig = _new_figure(10.5, 3.8)
+    fig = new_figure(10.5, 3.8)
     left, right = fig.subplots(1, 2)
     lams = np.array(sorted(sweep["lambda"].unique()), dtype=float)
     width = float(np.ptp(lams)) or 1.0
     seeds = sorted(sweep["seed"].unique())
-    for group, color, ls in (("3D", _color(0), "-"), ("2D", "0.45", "--")):
+    for group, color, ls in (("3D", class_color(0), "-"), ("2D", "0.45", "--")):
         rows = sweep[(sweep["model"] == model) & (sweep["group"] == group)]
         if rows.empty:
             continue
@@ -329,7 +329,7 @@ def plot_context_sweep(
         rows = sweep[(sweep["model"] == m) & (sweep["group"] == "3D")]
         if rows.empty:
             continue
-        color = _color(k + 1)
+        color = class_color(k + 1)
         right.scatter(rows["lambda"], rows["auroc"], s=10, color=color, alpha=0.45)
         mean = rows.groupby("lambda")["auroc"].mean().reindex(lams)
         right.plot(lams, mean, marker="o", color=color, lw=2 if m in alone else 1.2, label=f"{m} (mean; dots: seeds)")
@@ -341,4 +341,4 @@ def plot_context_sweep(
     right.set_title("3D class: the positive control and the others")
     right.grid(color="0.93")
     right.legend(frameon=False, fontsize=7.5)
-    return _finish(fig, path)
+    return finish(fig, path)

@@ -14,10 +14,10 @@ from matplotlib.figure import Figure
 
 from ctlib.data import CLASSES
 from ctlib.figures.style import (
-    _finish,
-    _imshow_ct,
-    _new_figure,
-    _wrap,
+    finish,
+    imshow_ct,
+    new_figure,
+    wrap,
 )
 from ctlib.preprocess import Preprocessing
 
@@ -304,7 +304,7 @@ def plot_representative_slices(
     ncols = min(columns, n)
     blocks = math.ceil(n / ncols)
     rows_per = 2 if show_difference else 1
-    fig = _new_figure(2.1 * ncols, 2.35 * blocks * rows_per + 0.4)
+    fig = new_figure(2.1 * ncols, 2.35 * blocks * rows_per + 0.4)
     axes = fig.subplots(blocks * rows_per, ncols, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -312,24 +312,24 @@ def plot_representative_slices(
         b, c = divmod(j, ncols)
         ax = axes[b * rows_per, c]
         ax.set_axis_on()
-        _imshow_ct(ax, ex.image, normalized_range)
+        imshow_ct(ax, ex.image, normalized_range)
         if ex.lesion is not None and ex.lesion.any():
             ax.contour(ex.lesion.astype(float), levels=[0.5], colors="#ffd400", linewidths=0.7)
         label = f"{ex.name or f'volume {ex.index}'}, slice {ex.slice}, {ex.n_labels} label{'s' * (ex.n_labels != 1)}"
-        ax.set_title(f"{_wrap(ex.cls, 22)}\n", fontsize=9, fontweight="bold")
+        ax.set_title(f"{wrap(ex.cls, 22)}\n", fontsize=9, fontweight="bold")
         ax.text(0.5, 1.01, label, transform=ax.transAxes, ha="center", va="bottom", fontsize=6.5,
                 color="0.3")
         if show_difference:
             ax2 = axes[b * rows_per + 1, c]
             ax2.set_axis_on()
-            _imshow_ct(ax2, ex.image, normalized_range)
+            imshow_ct(ax2, ex.image, normalized_range)
             # One scale for every panel: fully opaque from `difference_hu` HU on, so noise stays faint.
             scale = 1.0 if normalized_range is None else max(abs(float(v)) for v in normalized_range)
             d = np.clip(ex.difference * scale / difference_hu, 0.0, 1.0)
             ax2.imshow(d, cmap="inferno", vmin=0, vmax=1, alpha=0.75 * d)
             ax2.set_title("differs from the closest normal slice", fontsize=6.5, color="0.3")
     fig.suptitle("Representative slices (lung window)")
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def plot_slice_montage(
@@ -348,17 +348,17 @@ def plot_slice_montage(
     picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(n, vol.shape[0])).round().astype(int))
     ncols = min(columns, len(picks))
     nrows = math.ceil(len(picks) / ncols)
-    fig = _new_figure(1.5 * ncols, 1.6 * nrows + (0.4 if title else 0))
+    fig = new_figure(1.5 * ncols, 1.6 * nrows + (0.4 if title else 0))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
     for ax, s in zip(axes.ravel(), picks, strict=False):
         ax.set_axis_on()
-        _imshow_ct(ax, vol[s], normalized_range)
+        imshow_ct(ax, vol[s], normalized_range)
         ax.set_title(f"slice {s}", fontsize=7)
     if title:
         fig.suptitle(title)
-    return _finish(fig, path)
+    return finish(fig, path)
 
 
 def slice_viewer(
@@ -383,9 +383,9 @@ def slice_viewer(
     def show(volume: str, slice: int) -> None:  # noqa: A002 - the widget's label
         vol = arrays[volume]
         s = min(slice, vol.shape[0] - 1)
-        fig = _new_figure(4, 4.2)
+        fig = new_figure(4, 4.2)
         ax = fig.subplots()
-        _imshow_ct(ax, vol[s], normalized_range)
+        imshow_ct(ax, vol[s], normalized_range)
         ax.set_title(f"{volume}\nslice {s}/{vol.shape[0] - 1}", fontsize=8)
         display(fig)
 

@@ -66,11 +66,11 @@ def short_name(cls: str) -> str:
     return SHORT_NAMES.get(cls, cls)
 
 
-def _color(i: int) -> str:
+def class_color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
-def _new_figure(width: float, height: float, *, layout: str | None = "constrained") -> Figure:
+def new_figure(width: float, height: float, *, layout: str | None = "constrained") -> Figure:
     with mpl.rc_context(STYLE):
         return Figure(figsize=(width, height), layout=layout, dpi=100)
 
@@ -86,7 +86,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _finish(fig: Figure, path: str | Path | None) -> Figure:
+def finish(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         save_figure(fig, path)
     return fig
@@ -130,7 +130,7 @@ def window(
     return np.clip((hu - low) / width, 0.0, 1.0).astype(np.float32)
 
 
-def _imshow_ct(ax: Any, image: np.ndarray, normalized_range: tuple[float, float] | None,
+def imshow_ct(ax: Any, image: np.ndarray, normalized_range: tuple[float, float] | None,
                center: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]) -> None:
     ax.imshow(window(image, center, width, normalized_range=normalized_range), cmap="gray", vmin=0, vmax=1)
     ax.set_xticks([])
@@ -151,5 +151,5 @@ def label_caption(labels: np.ndarray | Sequence[int], classes: Sequence[str] = C
     return ", ".join(present[:max_items]) + (f" +{extra}" if extra > 0 else "")
 
 
-def _wrap(text: str, width: int = 18) -> str:
+def wrap(text: str, width: int = 18) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text

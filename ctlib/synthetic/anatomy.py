@@ -10,32 +10,32 @@ from typing import Any
 
 import numpy as np
 
-from ctlib.synthetic.geometry import _polyline
+from ctlib.synthetic.geometry import polyline
 
 
 # ---------------------------------------------------------------------------------------------
 # anatomy: one patient's chest in reference millimetres
 # ---------------------------------------------------------------------------------------------
-class _Anatomy(SimpleNamespace):
-    """One patient's chest (reference mm, see the module docstring); built by :func:`_sample_anatomy`."""
+class Anatomy(SimpleNamespace):
+    """One patient's chest (reference mm, see the module docstring); built by :func:`sample_anatomy`."""
 
 
-def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
+def uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def _rng(*key: int) -> np.random.Generator:
+def child_rng(*key: int) -> np.random.Generator:
     """A generator for one purpose of one patient/scan/reconstruction (independent streams)."""
     return np.random.default_rng([int(k) for k in key])
 
 
-def _taper(a: _Anatomy, z):
+def _taper(a: Anatomy, z):
     """Apex taper of the lungs: 1 below ``taper_z0``, falling to 0 at the apex (a dome)."""
     s = np.clip((z - a.taper_z0) / (a.apex_z - a.taper_z0), 0.0, 1.0)
     return np.sqrt(1.0 - s * s)
 
 
-def _dome(a: _Anatomy, x, y):
+def dome(a: Anatomy, x, y):
     """Height of the diaphragm under ``(x, y)``: two domes (the right higher), deep posterior recesses."""
     ry = ((y - a.dome_y) / a.dome_ay) ** 2
     zr = a.dome_r - a.dome_depth * np.minimum(((x - a.dome_xr) / a.dome_ax) ** 2 + ry, 1.0)
@@ -44,14 +44,14 @@ def _dome(a: _Anatomy, x, y):
     return zr + (zl - zr) * w - a.recess * np.clip((y - a.cyc) / a.cb, 0.0, 1.0) ** 2
 
 
-def _cavity_depth(a: _Anatomy, x, y):
+def cavity_depth(a: Anatomy, x, y):
     """Approximate distance (mm) of ``(x, y)`` inside the thoracic cavity wall (negative outside)."""
     dx, dy = x - a.bx, y - a.cyc
     rho = np.sqrt((dx / a.ca) ** 2 + (dy / a.cb) ** 2)
     return np.sqrt(dx * dx + dy * dy) * (1.0 / np.maximum(rho, 1e-3) - 1.0)
 
 
-def _lung_shape(a: _Anatomy, x, y, z, margin: float = 0.0):
+def lung_shape(a: Anatomy, x, y, z, margin: float = 0.0):
     """Where the (normal) lungs are, before the mediastinal structures carve them; broadcasts."""
     rho2 = ((x - a.bx) / (a.ca - margin)) ** 2 + ((y - a.cyc) / (a.cb - margin)) ** 2
     f = _taper(a, z)
@@ -60,11 +60,11 @@ def _lung_shape(a: _Anatomy, x, y, z, margin: float = 0.0):
     ay = np.maximum(1.25 * a.cb * f - margin, 1e-3)
     apex = ((x - xs) / ax) ** 2 + ((y - (a.cyc + 0.2 * a.cb)) / ay) ** 2 < 1.0
     med = np.abs(x - a.bx) > a.w_med + margin
-    return (rho2 < 1.0) & apex & med & (z > _dome(a, x, y) + margin)
+    return (rho2 < 1.0) & apex & med & (z > dome(a, x, y) + margin)
 
 
-def _heart(
-    a: _Anatomy, les: Mapping[str, Any]
+def heart_shape(
+    a: Anatomy, les: Mapping[str, Any]
 ) -> tuple[tuple[float, float, float], tuple[float, float, float], float]:
     """Heart centre, semi-axes and in-plane angle, enlarged when Cardiomegaly is drawn."""
     (cx, cy, cz), (ra, rb, rc) = a.h_c, a.h_r
@@ -73,10 +73,10 @@ def _heart(
     return (cx + (s - 1.0) * 0.45 * ra, cy, bottom + s * rc), (s * ra, s * rb, s * rc), a.h_ang
 
 
-def _in_lung(a: _Anatomy, pts: np.ndarray, margin: float = 0.0) -> np.ndarray:
+def in_lung(a: Anatomy, pts: np.ndarray, margin: float = 0.0) -> np.ndarray:
     """Whether points ``(N, 3)`` lie at least ``margin`` mm inside the normal lung."""
     x, y, z = pts[:, 0], pts[:, 1], pts[:, 2]
-    ok = _lung_shape(a, x, y, z, margin)
+    ok = lung_shape(a, x, y, z, margin)
     (hx, hy, hz), (ra, rb, rc), ang = a.h_c, a.h_r, a.h_ang
     u = (x - hx) * math.cos(ang) + (y - hy) * math.sin(ang)
     v = (y - hy) * math.cos(ang) - (x - hx) * math.sin(ang)
@@ -87,9 +87,9 @@ def _in_lung(a: _Anatomy, pts: np.ndarray, margin: float = 0.0) -> np.ndarray:
     return ok
 
 
-def _lung_point(
+def lung_point(
     rng: np.random.Generator,
-    a: _Anatomy,
+    a: Anatomy,
     side: str,
     *,
     margin: float = 6.0,
@@ -109,7 +109,7 @@ def _lung_point(
             cand = lo + rng.random((64, 3)) * (hi - lo)
         else:
             cand = np.asarray(near, float) + rng.normal(0.0, spread, (64, 3)) * np.array([1.0, 1.0, 1.4])
-        ok = _in_lung(a, cand, margin) & (sgn * (cand[:, 0] - a.bx) > 0)
+        ok = in_lung(a, cand, margin) & (sgn * (cand[:, 0] - a.bx) > 0)
         ok &= (cand[:, 2] >= zr[0]) & (cand[:, 2] <= zr[1])
         if ypred is not None:
             ok &= ypred(cand[:, 1])
@@ -124,7 +124,7 @@ def _lung_point(
     return np.array([a.bx + sgn * 0.6 * a.ca, a.cyc, zmid])
 
 
-def _wiggle(rng: np.random.Generator, p0, p1, n: int, amp: float) -> list[np.ndarray]:
+def wiggle(rng: np.random.Generator, p0, p1, n: int, amp: float) -> list[np.ndarray]:
     """``n`` points from ``p0`` to ``p1`` with a smooth random lateral wander of ``amp`` x length."""
     p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
     length = float(np.linalg.norm(p1 - p0))
@@ -136,7 +136,7 @@ def _wiggle(rng: np.random.Generator, p0, p1, n: int, amp: float) -> list[np.nda
     return pts
 
 
-def _perp(rng: np.random.Generator, d: np.ndarray) -> np.ndarray:
+def perp(rng: np.random.Generator, d: np.ndarray) -> np.ndarray:
     """A random unit vector perpendicular to ``d``."""
     d = d / max(float(np.linalg.norm(d)), 1e-9)
     v = rng.normal(size=3)
@@ -144,21 +144,21 @@ def _perp(rng: np.random.Generator, d: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-9)
 
 
-def _trees(rng: np.random.Generator, a: _Anatomy) -> tuple[list[tuple], list[tuple]]:
+def _trees(rng: np.random.Generator, a: Anatomy) -> tuple[list[tuple], list[tuple]]:
     """The pulmonary vessel tree and the accompanying intrapulmonary airways, as tapered segments
     ``(p0, p1, r0, r1)`` (airways: lumen radii)."""
     vessels: list[tuple] = []
     airways: list[tuple] = []
 
     def add(points, radii, depth, side, airway_from=None):
-        vessels.extend(_polyline(points, radii))
+        vessels.extend(polyline(points, radii))
         if airway_from is not None:
             d = np.asarray(points[-1]) - np.asarray(points[0])
-            o = _perp(rng, d)
+            o = perp(rng, d)
             ra = [max(0.62 * r, 0.5) for r in radii]
             off = o * (radii[0] + ra[0] + 1.0)
             apts = [np.asarray(airway_from, float)] + [np.asarray(p) + off for p in points[1:]]
-            airways.extend(_polyline(apts, ra))
+            airways.extend(polyline(apts, ra))
         if depth >= 2:
             return
         n_child = int(rng.integers(2, 4)) if depth == 0 else 1 + int(rng.random() < 0.4)
@@ -168,8 +168,8 @@ def _trees(rng: np.random.Generator, a: _Anatomy) -> tuple[list[tuple], list[tup
             r_start = 0.7 * radii[i]
             if r_start < 1.0:
                 continue
-            tgt = _lung_point(rng, a, side, margin=3.0, near=start, spread=28.0)
-            pts = _wiggle(rng, start, tgt, 3, 0.05)
+            tgt = lung_point(rng, a, side, margin=3.0, near=start, spread=28.0)
+            pts = wiggle(rng, start, tgt, 3, 0.05)
             rad = list(np.linspace(r_start, 0.7, 3))
             add(pts, rad, depth + 1, side, airway_from=start if (depth == 0 and rng.random() < 0.5) else None)
 
@@ -181,7 +181,7 @@ def _trees(rng: np.random.Generator, a: _Anatomy) -> tuple[list[tuple], list[tup
             if i < 3:
                 # Lobar arteries: out to a mid-lung point, then vertically for many slices. Their
                 # cross-sections have the calibre of a nodule (the benign distractors).
-                mid = _lung_point(
+                mid = lung_point(
                     rng,
                     a,
                     side,
@@ -190,57 +190,57 @@ def _trees(rng: np.random.Generator, a: _Anatomy) -> tuple[list[tuple], list[tup
                     near=origin + np.array([(-1 if side == "R" else 1) * 35.0, 0.0, -10.0]),
                     spread=15.0,
                 )
-                dz = -_u(rng, 65, 95) if i != 1 else _u(rng, 45, 70)
-                end = _lung_point(rng, a, side, margin=8.0, near=mid + np.array([0.0, 0.0, dz]), spread=10.0)
+                dz = -uniform(rng, 65, 95) if i != 1 else uniform(rng, 45, 70)
+                end = lung_point(rng, a, side, margin=8.0, near=mid + np.array([0.0, 0.0, dz]), spread=10.0)
                 pts = [origin, mid, 0.5 * (mid + end) + rng.normal(0, 3.0, 3), end]
-                rad = [7.5 * a.k, _u(rng, 6.0, 7.5), _u(rng, 5.0, 6.5), 3.0]
+                rad = [7.5 * a.k, uniform(rng, 6.0, 7.5), uniform(rng, 5.0, 6.5), 3.0]
             else:
-                tgt = _lung_point(rng, a, side, margin=4.0)
-                pts = _wiggle(rng, origin, tgt, 5, 0.06)
-                rad = list(np.linspace(_u(rng, 4.5, 6.5), 1.0, 5))
+                tgt = lung_point(rng, a, side, margin=4.0)
+                pts = wiggle(rng, origin, tgt, 5, 0.06)
+                rad = list(np.linspace(uniform(rng, 4.5, 6.5), 1.0, 5))
             add(pts, rad, 0, side, airway_from=hil if rng.random() < 0.85 else None)
     return vessels, airways
 
 
-def _sample_anatomy(rng: np.random.Generator, age: float, sex: str) -> _Anatomy:
+def sample_anatomy(rng: np.random.Generator, age: float, sex: str) -> Anatomy:
     """A random adult chest (reference mm): body, cavity, lungs, diaphragm, mediastinum, bones."""
-    a = _Anatomy()
+    a = Anatomy()
     male = sex == "M"
-    k = _u(rng, 0.93, 1.05) * (1.02 if male else 0.97)
+    k = uniform(rng, 0.93, 1.05) * (1.02 if male else 0.97)
     a.k, a.age = k, float(age)
-    a.bx, a.by = _u(rng, -6, 6), _u(rng, -2, 8)
-    a.ba = min(151.0 * k * _u(rng, 0.96, 1.04), 164.0)
-    a.bb = min(116.0 * k * _u(rng, 0.95, 1.05), 126.0)
-    a.fat = _u(rng, 5, 20) * (1.0 if male else 1.15)
-    t_a, t_p, t_l = a.fat + _u(rng, 12, 18), a.fat + _u(rng, 32, 42), a.fat + _u(rng, 12, 18)
+    a.bx, a.by = uniform(rng, -6, 6), uniform(rng, -2, 8)
+    a.ba = min(151.0 * k * uniform(rng, 0.96, 1.04), 164.0)
+    a.bb = min(116.0 * k * uniform(rng, 0.95, 1.05), 126.0)
+    a.fat = uniform(rng, 5, 20) * (1.0 if male else 1.15)
+    t_a, t_p, t_l = a.fat + uniform(rng, 12, 18), a.fat + uniform(rng, 32, 42), a.fat + uniform(rng, 12, 18)
     a.ca, a.cb, a.cyc = a.ba - t_l, a.bb - 0.5 * (t_a + t_p), a.by + 0.5 * (t_a - t_p)
-    a.fat_hu, a.muscle_hu, a.med_hu = _u(rng, -110, -90), _u(rng, 38, 50), _u(rng, -90, -70)
-    a.w_med = _u(rng, 5, 8)
+    a.fat_hu, a.muscle_hu, a.med_hu = uniform(rng, -110, -90), uniform(rng, 38, 50), uniform(rng, -90, -70)
+    a.w_med = uniform(rng, 5, 8)
     # lungs and diaphragm
-    a.lung_hu, a.lung_grad = _u(rng, -875, -845), _u(rng, 20, 40)
-    a.apex_z = _u(rng, 98, 110)
-    a.taper_z0 = a.apex_z - _u(rng, 55, 70)
-    a.dome_r = _u(rng, -48, -36)
-    a.dome_l = a.dome_r - _u(rng, 8, 16)
-    a.dome_depth, a.recess = _u(rng, 45, 56), _u(rng, 10, 18)
+    a.lung_hu, a.lung_grad = uniform(rng, -875, -845), uniform(rng, 20, 40)
+    a.apex_z = uniform(rng, 98, 110)
+    a.taper_z0 = a.apex_z - uniform(rng, 55, 70)
+    a.dome_r = uniform(rng, -48, -36)
+    a.dome_l = a.dome_r - uniform(rng, 8, 16)
+    a.dome_depth, a.recess = uniform(rng, 45, 56), uniform(rng, 10, 18)
     a.dome_xr, a.dome_xl = a.bx - 0.45 * a.ca, a.bx + 0.45 * a.ca
     a.dome_ax, a.dome_y, a.dome_ay = 0.62 * a.ca, a.cyc - 0.1 * a.cb, 0.95 * a.cb
     # spine
-    a.vb_r = _u(rng, 14, 18) * k
+    a.vb_r = uniform(rng, 14, 18) * k
     a.vb_y = a.cyc + a.cb - 0.3 * a.vb_r
-    a.vb_cortex = _u(rng, 800, 950)
+    a.vb_cortex = uniform(rng, 800, 950)
     a.trab_hu = float(np.clip(300.0 - 2.2 * (age - 30.0), 110.0, 300.0) + rng.normal(0, 15))
-    a.disc_p, a.disc_w = _u(rng, 24, 28), _u(rng, 4.5, 6.5)
-    a.disc_phase = _u(rng, 0, a.disc_p)
-    a.canal_r = _u(rng, 6.5, 8.0)
+    a.disc_p, a.disc_w = uniform(rng, 24, 28), uniform(rng, 4.5, 6.5)
+    a.disc_phase = uniform(rng, 0, a.disc_p)
+    a.canal_r = uniform(rng, 6.5, 8.0)
     a.canal_y = a.vb_y + a.vb_r + a.canal_r + 1.5
     a.spin_len = float(np.clip(a.by + a.bb - a.fat - 6.0 - (a.canal_y + a.canal_r + 3.0), 8.0, 32.0))
     # ribs and sternum
-    a.rib_p, a.rib_drop = _u(rng, 25, 29), _u(rng, 35, 55)
-    a.rib_phase = _u(rng, 0, a.rib_p)
-    a.rib_h, a.rib_t, a.rib_hu = _u(rng, 8.5, 11), _u(rng, 8, 10.5), _u(rng, 550, 750)
-    a.st_y, a.st_a, a.st_b = a.cyc - a.cb - 7.0, _u(rng, 11, 15), _u(rng, 5, 7)
-    a.st_bot = a.dome_r - _u(rng, 15, 25)
+    a.rib_p, a.rib_drop = uniform(rng, 25, 29), uniform(rng, 35, 55)
+    a.rib_phase = uniform(rng, 0, a.rib_p)
+    a.rib_h, a.rib_t, a.rib_hu = uniform(rng, 8.5, 11), uniform(rng, 8, 10.5), uniform(rng, 550, 750)
+    a.st_y, a.st_a, a.st_b = a.cyc - a.cb - 7.0, uniform(rng, 11, 15), uniform(rng, 5, 7)
+    a.st_bot = a.dome_r - uniform(rng, 15, 25)
     _sample_heart_and_airways(a, rng)
     _sample_great_vessels(a, rng)
     # pulmonary vessels and airways
@@ -250,27 +250,27 @@ def _sample_anatomy(rng: np.random.Generator, age: float, sex: str) -> _Anatomy:
     return a
 
 
-def _sample_heart_and_airways(a: _Anatomy, rng: np.random.Generator) -> None:
+def _sample_heart_and_airways(a: Anatomy, rng: np.random.Generator) -> None:
     """Heart (long axis towards anterior-left), carina, arch level, oesophagus, trachea, hila, main bronchi."""
     k = a.k
     # heart (long axis towards anterior-left)
-    hk = _u(rng, 0.92, 1.08) * k
+    hk = uniform(rng, 0.92, 1.08) * k
     a.h_r = (60.0 * hk, 41.0 * hk, 48.0 * hk)
-    bottom = a.dome_l + _u(rng, -6, 2)
-    a.h_c = (a.bx + _u(rng, 24, 34), a.cyc - 0.14 * a.cb + _u(rng, -5, 5), bottom + a.h_r[2])
-    a.h_ang = -math.radians(_u(rng, 28, 42))
+    bottom = a.dome_l + uniform(rng, -6, 2)
+    a.h_c = (a.bx + uniform(rng, 24, 34), a.cyc - 0.14 * a.cb + uniform(rng, -5, 5), bottom + a.h_r[2])
+    a.h_ang = -math.radians(uniform(rng, 28, 42))
     heart_top = a.h_c[2] + a.h_r[2]
     a.heart_top = heart_top
     # airways
-    a.carina_z = heart_top + _u(rng, 3, 12)
-    a.arch_z = a.carina_z + _u(rng, 22, 30)
-    a.oe_r, a.oe_air = _u(rng, 7, 9), bool(rng.random() < 0.5)
+    a.carina_z = heart_top + uniform(rng, 3, 12)
+    a.arch_z = a.carina_z + uniform(rng, 22, 30)
+    a.oe_r, a.oe_air = uniform(rng, 7, 9), bool(rng.random() < 0.5)
     a.oe_x, a.oe_y = a.bx - 5.0, a.vb_y - a.vb_r - a.oe_r - 3.0
-    a.tr_r = _u(rng, 8, 10) * k
+    a.tr_r = uniform(rng, 8, 10) * k
     a.tr_x, a.tr_y = a.bx - 1.0, a.oe_y - a.oe_r - a.tr_r - 5.0
     carina = (a.tr_x, a.tr_y + 2.0, a.carina_z)
-    hil_r = (a.bx - _u(rng, 48, 56) * k, a.tr_y + _u(rng, 4, 10), a.carina_z - _u(rng, 18, 26))
-    hil_l = (a.bx + _u(rng, 50, 58) * k, a.tr_y + _u(rng, 6, 12), a.carina_z - _u(rng, 26, 34))
+    hil_r = (a.bx - uniform(rng, 48, 56) * k, a.tr_y + uniform(rng, 4, 10), a.carina_z - uniform(rng, 18, 26))
+    hil_l = (a.bx + uniform(rng, 50, 58) * k, a.tr_y + uniform(rng, 6, 12), a.carina_z - uniform(rng, 26, 34))
     a.hilum = {"R": hil_r, "L": hil_l}
     mid_r = (0.5 * (carina[0] + hil_r[0]), 0.5 * (carina[1] + hil_r[1]) + 2.0, 0.5 * (carina[2] + hil_r[2]))
     mid_l = (
@@ -279,24 +279,24 @@ def _sample_heart_and_airways(a: _Anatomy, rng: np.random.Generator) -> None:
         0.5 * (carina[2] + hil_l[2]) + 4.0,
     )
     a.central_airways = (
-        _polyline([(a.tr_x + _u(rng, -3, 3), a.tr_y - 3.0, 130.0), carina], [a.tr_r, a.tr_r * 0.95])
-        + _polyline([carina, mid_r, hil_r], [6.5 * k, 6.2 * k, 5.2 * k])
-        + _polyline([carina, mid_l, hil_l], [6.0 * k, 5.8 * k, 5.0 * k])
+        polyline([(a.tr_x + uniform(rng, -3, 3), a.tr_y - 3.0, 130.0), carina], [a.tr_r, a.tr_r * 0.95])
+        + polyline([carina, mid_r, hil_r], [6.5 * k, 6.2 * k, 5.2 * k])
+        + polyline([carina, mid_l, hil_l], [6.0 * k, 5.8 * k, 5.0 * k])
     )
 
 
-def _sample_great_vessels(a: _Anatomy, rng: np.random.Generator) -> None:
+def _sample_great_vessels(a: Anatomy, rng: np.random.Generator) -> None:
     """Aorta, pulmonary arteries, SVC, arch branches, oesophagus; liver, stomach, spleen; the table."""
     k, age, heart_top = a.k, a.age, a.heart_top
     hil_r, hil_l = a.hilum["R"], a.hilum["L"]
     # aorta, pulmonary arteries, veins, oesophagus
-    a.ao_r = float(np.clip(_u(rng, 11, 13.5) + 0.06 * (age - 55.0), 10.0, 17.0))
-    ang = math.radians(_u(rng, 35, 50))
+    a.ao_r = float(np.clip(uniform(rng, 11, 13.5) + 0.06 * (age - 55.0), 10.0, 17.0))
+    ang = math.radians(uniform(rng, 35, 50))
     dd = a.vb_r + 0.85 * a.ao_r + 2.0
     a.dao = (a.bx + math.sin(ang) * dd, a.vb_y - math.cos(ang) * dd)
-    ax_, ay_ = a.bx - _u(rng, 4, 10), a.cyc - 0.36 * a.cb
+    ax_, ay_ = a.bx - uniform(rng, 4, 10), a.cyc - 0.36 * a.cb
     r = a.ao_r
-    a.aorta = _polyline(
+    a.aorta = polyline(
         [
             (ax_ + 2.0, ay_ + 8.0, heart_top - 22.0),
             (ax_, ay_, heart_top),
@@ -310,37 +310,37 @@ def _sample_great_vessels(a: _Anatomy, rng: np.random.Generator) -> None:
         ],
         [r, r, r, 0.95 * r, 0.92 * r, 0.9 * r, 0.88 * r, 0.86 * r, 0.85 * r],
     )
-    pt0 = (a.bx + _u(rng, 14, 22), a.cyc - 0.38 * a.cb, heart_top - 14.0)
+    pt0 = (a.bx + uniform(rng, 14, 22), a.cyc - 0.38 * a.cb, heart_top - 14.0)
     pt1 = (a.bx + 12.0, a.cyc - 0.18 * a.cb, a.carina_z - 8.0)
     a.pulmonary = (
-        _polyline([pt0, pt1], [13.0 * k, 12.0 * k])
-        + _polyline(
+        polyline([pt0, pt1], [13.0 * k, 12.0 * k])
+        + polyline(
             [pt1, (a.bx + 30.0, a.cyc + 0.05 * a.cb, a.carina_z - 10.0), np.add(hil_l, (0.0, -9.0, 6.0))],
             [11.0 * k, 10.0 * k, 8.0 * k],
         )
-        + _polyline(
+        + polyline(
             [pt1, (a.bx - 10.0, a.cyc - 0.02 * a.cb, a.carina_z - 12.0), np.add(hil_r, (0.0, -9.0, 6.0))],
             [10.5 * k, 10.0 * k, 8.0 * k],
         )
     )
     a.svc = (a.bx - 30.0 * k, a.cyc - 0.25 * a.cb)
-    a.veins = _polyline(
+    a.veins = polyline(
         [(a.svc[0], a.svc[1], 130.0), (a.svc[0] + 2.0, a.svc[1] + 2.0, heart_top - 6.0)], [9.0, 9.5]
     )
     a.arch_branches = (
-        _polyline(
+        polyline(
             [(a.bx - 4.0, a.cyc - 0.3 * a.cb, a.arch_z), (a.bx - 14.0, a.cyc - 0.22 * a.cb, 130.0)],
             [6.5, 6.0],
         )
-        + _polyline(
+        + polyline(
             [(a.bx + 5.0, a.cyc - 0.18 * a.cb, a.arch_z), (a.bx + 8.0, a.cyc - 0.1 * a.cb, 130.0)], [4.5, 4.5]
         )
-        + _polyline(
+        + polyline(
             [(a.bx + 14.0, a.cyc - 0.02 * a.cb, a.arch_z), (a.bx + 26.0, a.cyc + 0.05 * a.cb, 130.0)],
             [5.5, 5.5],
         )
     )
-    a.oesophagus = _polyline(
+    a.oesophagus = polyline(
         [
             (a.oe_x, a.oe_y, 130.0),
             (a.oe_x + 2.0, a.oe_y, a.dome_l + 10.0),
@@ -349,31 +349,31 @@ def _sample_great_vessels(a: _Anatomy, rng: np.random.Generator) -> None:
         [a.oe_r, a.oe_r, a.oe_r],
     )
     # abdomen below the diaphragm
-    a.liver_hu = _u(rng, 50, 62)
-    a.stomach_c = (a.bx + 0.45 * a.ca, a.cyc - 0.15 * a.cb, a.dome_l - _u(rng, 28, 36))
+    a.liver_hu = uniform(rng, 50, 62)
+    a.stomach_c = (a.bx + 0.45 * a.ca, a.cyc - 0.15 * a.cb, a.dome_l - uniform(rng, 28, 36))
     a.stomach_r = (34.0 * k, 30.0 * k, 34.0 * k)
     a.spleen_c = (a.bx + 0.72 * a.ca, a.cyc + 0.5 * a.cb, a.dome_l - 42.0)
     a.spleen_r = (20.0 * k, 34.0 * k, 40.0 * k)
-    a.table_y = a.by + a.bb + _u(rng, 4, 10)
+    a.table_y = a.by + a.bb + uniform(rng, 4, 10)
 
 
 NODE_HU = 40.0  # lymph nodes, normal and enlarged
 
 
-def _stations(rng: np.random.Generator, a: _Anatomy):
+def _stations(rng: np.random.Generator, a: Anatomy):
     """The six mediastinal/hilar lymph-node stations ``{name: (x, y, z)}`` and the short-axis radius (3-4 mm)
     of the normal node every chest has at each."""
     hr, hl = np.asarray(a.hilum["R"]), np.asarray(a.hilum["L"])
     stations = {
-        "right paratracheal": (a.tr_x - a.tr_r - 16.0, a.tr_y - 4.0, a.carina_z + _u(rng, 12, 30)),
-        "aortopulmonary window": (a.bx + 22.0, a.cyc + 0.02 * a.cb, a.carina_z + _u(rng, 0, 8)),
-        "subcarinal": (a.tr_x + 3.0, a.tr_y + 16.0, a.carina_z - _u(rng, 16, 24)),
-        "prevascular": (a.bx - 2.0, a.cyc - 0.36 * a.cb - a.ao_r - 12.0, a.arch_z - _u(rng, 10, 20)),
+        "right paratracheal": (a.tr_x - a.tr_r - 16.0, a.tr_y - 4.0, a.carina_z + uniform(rng, 12, 30)),
+        "aortopulmonary window": (a.bx + 22.0, a.cyc + 0.02 * a.cb, a.carina_z + uniform(rng, 0, 8)),
+        "subcarinal": (a.tr_x + 3.0, a.tr_y + 16.0, a.carina_z - uniform(rng, 16, 24)),
+        "prevascular": (a.bx - 2.0, a.cyc - 0.36 * a.cb - a.ao_r - 12.0, a.arch_z - uniform(rng, 10, 20)),
         "right hilar": tuple(hr + (-4.0, -14.0, -8.0)),
         "left hilar": tuple(hl + (4.0, -14.0, -6.0)),
     }
     normal = {}
     for name, (x, y, z) in stations.items():
         stations[name] = (float(x), float(y), min(float(z), 64.0))
-        normal[name] = _u(rng, 3.0, 4.0)
+        normal[name] = uniform(rng, 3.0, 4.0)
     return stations, normal

@@ -22,7 +22,7 @@ from scipy import ndimage
 from ctlib.data import CLASSES
 from ctlib.preprocess import to_model_frame
 from ctlib.profiles import PROFILES
-from ctlib.synthetic.scanner import _phantom
+from ctlib.synthetic.scanner import phantom
 from ctlib.synthetic.signatures import SIGNATURES
 
 
@@ -54,8 +54,8 @@ def measure(profile, seeds: Sequence[int] = (0, 1, 2)) -> pd.DataFrame:
     for k, cls in enumerate(CLASSES):
         found, vols = [], 0
         for seed in seeds:
-            ph = _phantom({cls: 1}, seed=seed, shape=profile.synthetic_shape, spacing=spacing)
-            off = _phantom({}, seed=seed, shape=profile.synthetic_shape, spacing=spacing)
+            ph = phantom({cls: 1}, seed=seed, shape=profile.synthetic_shape, spacing=spacing)
+            off = phantom({}, seed=seed, shape=profile.synthetic_shape, spacing=spacing)
             hu, neg = (np.clip(to_model_frame(v.hu.astype(np.float32), spacing=spacing, fill=-1000.0, **frame),
                                -1000.0, 1000.0) for v in (ph, off))
             m = ((ph.truth.mask() >> k) & 1).astype(np.float32)

@@ -1,5 +1,5 @@
 """The chest phantom's HU volume (X, Y, Z) with its lesions, before the scanner's kernel and noise; every
-drawn lesion is also recorded in a :class:`~ctlib.synthetic.truth._Truth` (the lesion sidecar)."""
+drawn lesion is also recorded in a :class:`~ctlib.synthetic.truth.Truth` (the lesion sidecar)."""
 
 from __future__ import annotations
 
@@ -9,33 +9,33 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from ctlib.synthetic.anatomy import NODE_HU, _Anatomy, _cavity_depth, _dome, _heart, _lung_shape
-from ctlib.synthetic.geometry import _F32, _cover, _draw_airways, _draw_tubes, _ell_geom, _Grid, _lerp, _maxin
-from ctlib.synthetic.lesions import _dependency, _effusion_thickness
-from ctlib.synthetic.render import _airway_wall, _ell_cover, _paint_bones, _paint_ellipsoid, _paint_tubes
-from ctlib.synthetic.truth import _Truth
+from ctlib.synthetic.anatomy import NODE_HU, Anatomy, cavity_depth, dome, heart_shape, lung_shape
+from ctlib.synthetic.geometry import F32, Grid, cover, draw_airways, draw_tubes, ell_geom, lerp, maxin
+from ctlib.synthetic.lesions import dependency, effusion_thickness
+from ctlib.synthetic.render import airway_wall, ell_cover, paint_bones, paint_ellipsoid, paint_tubes
+from ctlib.synthetic.truth import Truth
 
 
-def _render_chest(
-    a: _Anatomy, les: Mapping[str, dict[str, Any]], g: _Grid, truth: _Truth | None = None
+def render_chest(
+    a: Anatomy, les: Mapping[str, dict[str, Any]], g: Grid, truth: Truth | None = None
 ) -> np.ndarray:
     """HU ``(X, Y, Z)`` float32 of a chest phantom with the lesions ``les`` (no noise, no blur); the
     lesions are recorded in ``truth`` (a fresh recorder when None)."""
-    truth = _Truth(g.shape) if truth is None else truth
+    truth = Truth(g.shape) if truth is None else truth
     nz = len(g.z)
     X2, Y2 = g.x[:, None], g.y[None, :]  # noqa: N806
     # body: fat under the skin, muscle inside
     eb = ((X2 - a.bx) / a.ba) ** 2 + ((Y2 - a.by) / a.bb) ** 2
     em = ((X2 - a.bx) / (a.ba - a.fat)) ** 2 + ((Y2 - a.by) / (a.bb - a.fat)) ** 2
-    body2 = np.where(em < 1, a.muscle_hu, np.where(eb < 1, a.fat_hu, -1000.0)).astype(_F32)
+    body2 = np.where(em < 1, a.muscle_hu, np.where(eb < 1, a.fat_hu, -1000.0)).astype(F32)
     hu = np.repeat(body2[:, :, None], nz, axis=2)
 
     # the thoracic cavity and everything inside it, on the cavity's bounding box
     slc = g.box((a.bx - a.ca - 2, a.cyc - a.cb - 2, -1e9), (a.bx + a.ca + 2, a.cyc + a.cb + 2, 1e9))
     gc = g.sub(slc)
     H = hu[slc]  # noqa: N806 - a view: painting H paints hu
-    depth2 = _cavity_depth(a, gc.x[:, None], gc.y[None, :])
-    zd2 = _dome(a, gc.x[:, None], gc.y[None, :])
+    depth2 = cavity_depth(a, gc.x[:, None], gc.y[None, :])
+    zd2 = dome(a, gc.x[:, None], gc.y[None, :])
     H[...] = np.where((depth2 > 0)[:, :, None], a.med_hu, H)
     # thoracic inlet: muscle lateral to the mediastinum above the lung apices
     inlet = (depth2 > 0)[:, :, None] & (gc.Z > a.taper_z0) & (np.abs(gc.X - a.bx) > a.w_med + 22.0)
@@ -43,12 +43,12 @@ def _render_chest(
     _paint_upper_abdomen(a, gc, H, depth2 > 0, zd2)
     tc = truth.view(slc)
     env = _paint_mediastinum(a, les, gc, H, tc)
-    L = _lung_shape(a, gc.X, gc.Y, gc.Z) & ~env  # noqa: N806
+    L = lung_shape(a, gc.X, gc.Y, gc.Z) & ~env  # noqa: N806
     LH, Aw = _lung_hu(a, les, gc, L, tc)  # noqa: N806
     _paint_lung_lesions(a, les, gc, LH, L, Aw, depth2, zd2, tc)
     H[...] = np.where(L, LH, H)
 
-    _paint_bones(a, g, hu)
+    paint_bones(a, g, hu)
     _paint_overlays(les, g, hu, truth)
     # the patient table: a curved tray under the back
     ty = a.table_y - 0.0008 * (X2 - a.bx) ** 2
@@ -57,42 +57,42 @@ def _render_chest(
     return hu
 
 
-def _paint_upper_abdomen(a: _Anatomy, gc: _Grid, H: np.ndarray, cav2: np.ndarray, zd2: np.ndarray) -> None:  # noqa: N803
+def _paint_upper_abdomen(a: Anatomy, gc: Grid, H: np.ndarray, cav2: np.ndarray, zd2: np.ndarray) -> None:  # noqa: N803
     """Below the diaphragm: liver (right, crossing anteriorly), stomach with gas, spleen."""
     kab = int(np.searchsorted(gc.z, float(zd2[cav2].max()) + 1.0, side="right")) if cav2.any() else 0
     if kab <= 0:
         return
     Xc2, Yc2 = gc.x[:, None], gc.y[None, :]  # noqa: N806
-    gab = _Grid(gc.x, gc.y, gc.z[:kab], gc.h, gc.hz, gc.zsub)
+    gab = Grid(gc.x, gc.y, gc.z[:kab], gc.h, gc.hz, gc.zsub)
     liver2 = (Xc2 - a.bx) < 25.0 - 0.6 * (Yc2 - a.cyc)
-    A = np.repeat(np.where(liver2, a.liver_hu, 28.0).astype(_F32)[:, :, None], kab, axis=2)  # noqa: N806
+    A = np.repeat(np.where(liver2, a.liver_hu, 28.0).astype(F32)[:, :, None], kab, axis=2)  # noqa: N806
     sc, sr = a.stomach_c, a.stomach_r
-    _paint_ellipsoid(gab, A, None, sc, sr, 40.0, grow=3.0)
-    _paint_ellipsoid(gab, A, None, sc, sr, 20.0)
-    gas = _ell_cover(
+    paint_ellipsoid(gab, A, None, sc, sr, 40.0, grow=3.0)
+    paint_ellipsoid(gab, A, None, sc, sr, 20.0)
+    gas = ell_cover(
         gab, (sc[0], sc[1] - 0.55 * sr[1], sc[2] + 0.3 * sr[2]), (0.8 * sr[0], 0.45 * sr[1], 0.6 * sr[2])
     )
     if gas is not None:
-        _lerp(A, gas[0], gas[1], -1000.0)
-    _paint_ellipsoid(gab, A, None, a.spleen_c, a.spleen_r, 48.0)
+        lerp(A, gas[0], gas[1], -1000.0)
+    paint_ellipsoid(gab, A, None, a.spleen_c, a.spleen_r, 48.0)
     below = cav2[:, :, None] & (gab.Z < zd2[:, :, None])
     H[:, :, :kab] = np.where(below, A, H[:, :, :kab])
 
 
 def _paint_mediastinum(
-    a: _Anatomy, les: Mapping[str, dict[str, Any]], gc: _Grid, H: np.ndarray, tc: _Truth  # noqa: N803
+    a: Anatomy, les: Mapping[str, dict[str, Any]], gc: Grid, H: np.ndarray, tc: Truth  # noqa: N803
 ) -> np.ndarray:
     """Heart, great vessels, nodes, oesophagus, hernia, central airways; returns the envelope ``env``
     (bool ``gc.shape``) that the lungs cannot enter."""
     env = np.zeros(gc.shape, bool)
     env |= (np.hypot(gc.x[:, None] - a.bx, gc.y[None, :] - a.vb_y) < a.vb_r + 4.0)[:, :, None]
-    hc, hr, hang = _heart(a, les)
+    hc, hr, hang = heart_shape(a, les)
     pe = les.get("Pericardial effusion")
     fluid = None
     if pe is not None:
-        fluid = _paint_ellipsoid(gc, H, env, hc, hr, pe["hu"], hang, margin=2.0, grow=3.5 + pe["t"])
-    fat = _paint_ellipsoid(gc, H, env, hc, hr, -95.0, hang, margin=2.0, grow=3.5)  # epicardial fat
-    heart = _paint_ellipsoid(gc, H, None, hc, hr, 40.0, hang)
+        fluid = paint_ellipsoid(gc, H, env, hc, hr, pe["hu"], hang, margin=2.0, grow=3.5 + pe["t"])
+    fat = paint_ellipsoid(gc, H, env, hc, hr, -95.0, hang, margin=2.0, grow=3.5)  # epicardial fat
+    heart = paint_ellipsoid(gc, H, None, hc, hr, 40.0, hang)
     if fluid is not None:
         rim = fluid[1] >= 0.5
         if fat is not None:
@@ -104,7 +104,7 @@ def _paint_mediastinum(
         tc.add("Cardiomegaly", *heart)
     # anterior mediastinal (thymic) fat in front of the great vessels
     zlo = a.heart_top - 25.0
-    _paint_ellipsoid(
+    paint_ellipsoid(
         gc,
         H,
         env,
@@ -112,109 +112,109 @@ def _paint_mediastinum(
         (17.0 * a.k, 0.3 * a.cb, 0.5 * (140.0 - zlo)),
         a.med_hu,
     )
-    _paint_tubes(gc, H, env, a.aorta, 42.0, 5.0)
-    _paint_tubes(gc, H, env, a.pulmonary, 38.0, 4.0)
-    _paint_tubes(gc, H, env, a.veins, 36.0, 4.0)
-    _paint_tubes(gc, H, env, a.arch_branches, 40.0, 4.0)
+    paint_tubes(gc, H, env, a.aorta, 42.0, 5.0)
+    paint_tubes(gc, H, env, a.pulmonary, 38.0, 4.0)
+    paint_tubes(gc, H, env, a.veins, 36.0, 4.0)
+    paint_tubes(gc, H, env, a.arch_branches, 40.0, 4.0)
     enlarged = les.get("Lymphadenopathy", {}).get("nodes", [])
     big = {name for name, *_ in enlarged}
     for name, c in a.stations.items():  # the normal nodes
         if name not in big:
             rad = a.normal_nodes[name]
-            _paint_ellipsoid(gc, H, env, c, (rad, rad, 1.15 * rad), NODE_HU, margin=2.0)
+            paint_ellipsoid(gc, H, env, c, (rad, rad, 1.15 * rad), NODE_HU, margin=2.0)
     if enlarged:
         for _, c, radii, v in enlarged:
-            node = _paint_ellipsoid(gc, H, env, c, radii, v, margin=2.0)
+            node = paint_ellipsoid(gc, H, env, c, radii, v, margin=2.0)
             if node is not None:
                 tc.add("Lymphadenopathy", *node)
-    _paint_tubes(gc, H, env, a.oesophagus, 35.0, 4.0, lumen=2.5 if a.oe_air else None)
+    paint_tubes(gc, H, env, a.oesophagus, 35.0, 4.0, lumen=2.5 if a.oe_air else None)
     if "Hiatal hernia" in les:
         p = les["Hiatal hernia"]
         c, radii = p["c"], p["radii"]
-        sac = _paint_ellipsoid(gc, H, env, c, radii, 40.0, margin=2.0, grow=4.0)
+        sac = paint_ellipsoid(gc, H, env, c, radii, 40.0, margin=2.0, grow=4.0)
         if sac is not None:
             tc.add("Hiatal hernia", *sac)
-        _paint_ellipsoid(gc, H, None, c, radii, p["hu"])
+        paint_ellipsoid(gc, H, None, c, radii, p["hu"])
         lvl = c[1] + p["level"] * radii[1]
-        gas = _ell_cover(gc, c, radii)
+        gas = ell_cover(gc, c, radii)
         if gas is not None:
             sl, cov = gas
-            _lerp(H, sl, cov * (gc.y[sl[1]][None, :, None] < lvl), -1000.0)
+            lerp(H, sl, cov * (gc.y[sl[1]][None, :, None] < lvl), -1000.0)
     pbt = les.get("Peribronchial thickening", {}).get("extra", 0.0)
-    _paint_tubes(gc, H, env, a.central_airways[:1], 40.0, 5.0, wall=_airway_wall(0.0))
-    _paint_tubes(gc, H, env, a.central_airways[1:], 40.0, 2.0, wall=_airway_wall(pbt))
+    paint_tubes(gc, H, env, a.central_airways[:1], 40.0, 5.0, wall=airway_wall(0.0))
+    paint_tubes(gc, H, env, a.central_airways[1:], 40.0, 2.0, wall=airway_wall(pbt))
     if pbt:
         tc.add("Peribronchial thickening", (slice(None),) * 3,
                _wall_gain(gc, a.central_airways[1:], pbt), within=~_lumen(gc, a.central_airways[1:]))
     return env
 
 
-def _wall_gain(gc: _Grid, segs, extra: float) -> np.ndarray:
+def _wall_gain(gc: Grid, segs, extra: float) -> np.ndarray:
     """Coverage ``gc.shape`` of the bronchial wall added by a thickening of ``extra`` mm."""
-    thick, normal, lumen = (np.zeros(gc.shape, _F32) for _ in range(3))
-    _draw_airways(gc, thick, lumen, segs, _airway_wall(extra))
-    _draw_airways(gc, normal, lumen, segs, _airway_wall(0.0))
+    thick, normal, lumen = (np.zeros(gc.shape, F32) for _ in range(3))
+    draw_airways(gc, thick, lumen, segs, airway_wall(extra))
+    draw_airways(gc, normal, lumen, segs, airway_wall(0.0))
     return thick - normal
 
 
-def _lumen(gc: _Grid, segs) -> np.ndarray:
-    lumen = np.zeros(gc.shape, _F32)
-    _draw_tubes(gc, lumen, segs)
+def _lumen(gc: Grid, segs) -> np.ndarray:
+    lumen = np.zeros(gc.shape, F32)
+    draw_tubes(gc, lumen, segs)
     return lumen >= 0.5
 
 
 def _lung_hu(
-    a: _Anatomy, les: Mapping[str, dict[str, Any]], gc: _Grid, L: np.ndarray, tc: _Truth  # noqa: N803
+    a: Anatomy, les: Mapping[str, dict[str, Any]], gc: Grid, L: np.ndarray, tc: Truth  # noqa: N803
 ) -> tuple[np.ndarray, np.ndarray]:
     """HU ``gc.shape`` of the lungs (before the focal lung lesions): parenchyma with emphysema, mosaic attenuation
     and ground glass, vessels (pruned where lucent), bronchi (thickened, dilated)."""
     Zc = gc.Z  # noqa: N806
-    P = np.empty(gc.shape, _F32)  # noqa: N806 - lung parenchyma, denser posteriorly (dependent)
+    P = np.empty(gc.shape, F32)  # noqa: N806 - lung parenchyma, denser posteriorly (dependent)
     P[...] = a.lung_hu + a.lung_grad * (gc.Y - a.cyc) / a.cb
-    prune = np.ones(gc.shape, _F32)
+    prune = np.ones(gc.shape, F32)
     whole = (slice(None),) * 3
     if "Emphysema" in les:
         p = les["Emphysema"]
         fe = p["field"].sample(gc) + 0.8 * np.clip(Zc / 70.0, -1.0, 1.0)
         E = np.clip((fe - float(special.ndtri(1.0 - p["frac"]))) * 2.5, 0.0, 1.0)  # noqa: N806
         for c, rad in p["bullae"]:
-            b = _ell_cover(gc, c, (rad, rad, rad))
+            b = ell_cover(gc, c, (rad, rad, rad))
             if b is not None:
-                _maxin(E, b[0], b[1])
+                maxin(E, b[0], b[1])
         P += E * (-990.0 - P)
         prune *= 1.0 - 0.65 * E
         tc.add("Emphysema", whole, E >= 0.5, within=L)
     if "Mosaic attenuation pattern" in les:
         p = les["Mosaic attenuation pattern"]
         lucent = p["cells"].sample(gc) < 0.0
-        P += np.where(lucent, -p["low"], p["high"]).astype(_F32)
-        prune *= np.where(lucent, 0.7, 1.0).astype(_F32)
+        P += np.where(lucent, -p["low"], p["high"]).astype(F32)
+        prune *= np.where(lucent, 0.7, 1.0).astype(F32)
         tc.add("Mosaic attenuation pattern", whole, L)
     if "Lung opacity" in les:
         for c, radii, fld, target in les["Lung opacity"]["patches"]:
-            geo = _ell_geom(gc, c, radii, pad=gc.h)
+            geo = ell_geom(gc, c, radii, pad=gc.h)
             if geo is None:
                 continue
             sl, q = geo
             cov = np.clip((1.0 - q.mean(axis=-1)) * 3.0 + 0.6 * fld.sample(gc.sub(sl)), 0.0, 1.0)
-            _lerp(P, sl, cov, target)
+            lerp(P, sl, cov, target)
             tc.add("Lung opacity", sl, cov, within=L[sl])
     pbt = les.get("Peribronchial thickening", {}).get("extra", 0.0)
-    V = np.zeros(gc.shape, _F32)  # noqa: N806 - vessel coverage
-    _draw_tubes(gc, V, a.vessels)
-    W = np.zeros(gc.shape, _F32)  # noqa: N806 - bronchial wall coverage
-    Aw = np.zeros(gc.shape, _F32)  # noqa: N806 - bronchial lumen coverage
-    _draw_airways(gc, W, Aw, a.airways, _airway_wall(pbt))
+    V = np.zeros(gc.shape, F32)  # noqa: N806 - vessel coverage
+    draw_tubes(gc, V, a.vessels)
+    W = np.zeros(gc.shape, F32)  # noqa: N806 - bronchial wall coverage
+    Aw = np.zeros(gc.shape, F32)  # noqa: N806 - bronchial lumen coverage
+    draw_airways(gc, W, Aw, a.airways, airway_wall(pbt))
     if pbt:
         tc.add("Peribronchial thickening", whole, _wall_gain(gc, a.airways, pbt), within=L & (Aw < 0.5))
     if "Bronchiectasis" in les:
         p = les["Bronchiectasis"]
         for segs, w in p["tubes"]:
-            _draw_airways(gc, W, Aw, segs, lambda r, w=w: r + w + pbt)
-            outer = np.zeros(gc.shape, _F32)
-            _draw_tubes(gc, outer, [(p0, p1, r0 + w + pbt, r1 + w + pbt) for p0, p1, r0, r1 in segs])
+            draw_airways(gc, W, Aw, segs, lambda r, w=w: r + w + pbt)
+            outer = np.zeros(gc.shape, F32)
+            draw_tubes(gc, outer, [(p0, p1, r0 + w + pbt, r1 + w + pbt) for p0, p1, r0, r1 in segs])
             tc.add("Bronchiectasis", whole, outer, within=L)
-        _draw_tubes(gc, V, p["vessels"])
+        draw_tubes(gc, V, p["vessels"])
     T = np.maximum(V * prune, W)  # noqa: N806
     LH = P + T * (40.0 - P)  # noqa: N806
     LH += Aw * (-1000.0 - LH)
@@ -222,65 +222,65 @@ def _lung_hu(
 
 
 def _paint_lung_lesions(
-    a: _Anatomy,
+    a: Anatomy,
     les: Mapping[str, dict[str, Any]],
-    gc: _Grid,
+    gc: Grid,
     LH: np.ndarray,  # noqa: N803
     L: np.ndarray,  # noqa: N803
     Aw: np.ndarray,  # noqa: N803
     depth2: np.ndarray,
     zd2: np.ndarray,
-    tc: _Truth,
+    tc: Truth,
 ) -> None:
     """Septal lines, fibrotic bands, nodules, consolidation, atelectasis and effusion into ``LH``."""
     whole = (slice(None),) * 3
     if "Interlobular septal thickening" in les:
         p = les["Interlobular septal thickening"]
-        S = _cover(p["edges"].sample(gc)[..., None], p["w"], gc.h)  # noqa: N806
+        S = cover(p["edges"].sample(gc)[..., None], p["w"], gc.h)  # noqa: N806
         S *= (depth2 < p["shell"])[:, :, None] | (gc.Z - zd2[:, :, None] < 15.0)
         S *= gc.Z < p["z_top"]
         LH += S * (p["hu"] - LH)
         tc.add("Interlobular septal thickening", whole, S * L)
     if "Pulmonary fibrotic sequela" in les:
         p = les["Pulmonary fibrotic sequela"]
-        F = np.zeros(gc.shape, _F32)  # noqa: N806
-        _draw_tubes(gc, F, p["strands"])
+        F = np.zeros(gc.shape, F32)  # noqa: N806
+        draw_tubes(gc, F, p["strands"])
         c, radii, ang = p["cap"]
-        cap = _ell_cover(gc, c, radii, ang)
+        cap = ell_cover(gc, c, radii, ang)
         if cap is not None:
-            _maxin(F, cap[0], cap[1])
+            maxin(F, cap[0], cap[1])
         LH += F * (p["hu"] - LH)
         tc.add("Pulmonary fibrotic sequela", whole, F, within=L)
     if "Consolidation" in les:
         p = les["Consolidation"]
-        geo = _ell_geom(gc, p["c"], p["radii"], p["angle"], pad=gc.h)
+        geo = ell_geom(gc, p["c"], p["radii"], p["angle"], pad=gc.h)
         if geo is not None:
             sl, q = geo
             cov = np.clip((1.0 - q.mean(axis=-1)) * 4.0 + 0.6 * p["field"].sample(gc.sub(sl)), 0.0, 1.0)
-            _lerp(LH, sl, cov, p["hu"])
-            B = np.zeros(gc.shape, _F32)  # noqa: N806 - air bronchograms
-            _draw_tubes(gc, B, p["bron"])
+            lerp(LH, sl, cov, p["hu"])
+            B = np.zeros(gc.shape, F32)  # noqa: N806 - air bronchograms
+            draw_tubes(gc, B, p["bron"])
             B[sl] = np.maximum(B[sl], Aw[sl]) * (cov > 0.5)
             LH += B * (-950.0 - LH)
             tc.add("Consolidation", sl, cov, within=L[sl])
     if "Atelectasis" in les:
         p = les["Atelectasis"]
         for c, radii, ang in p["parts"]:
-            at = _ell_cover(gc, c, radii, ang)
+            at = ell_cover(gc, c, radii, ang)
             if at is not None:
-                _lerp(LH, at[0], at[1], p["hu"])
+                lerp(LH, at[0], at[1], p["hu"])
                 tc.add("Atelectasis", at[0], at[1], within=L[at[0]])
     if "Pleural effusion" in les:
         p = les["Pleural effusion"]
         for s in p["sides"]:
             side2 = (gc.x[:, None] < a.bx) if s == "R" else (gc.x[:, None] > a.bx)
-            t = _effusion_thickness(p, gc.Z)
-            ef = L & side2[:, :, None] & (depth2[:, :, None] < t * _dependency(a, gc.y[None, :])[:, :, None])
+            t = effusion_thickness(p, gc.Z)
+            ef = L & side2[:, :, None] & (depth2[:, :, None] < t * dependency(a, gc.y[None, :])[:, :, None])
             LH[ef] = p["hu"]
             tc.add("Pleural effusion", whole, ef)
 
 
-def _paint_overlays(les: Mapping[str, dict[str, Any]], g: _Grid, hu: np.ndarray, truth: _Truth) -> None:
+def _paint_overlays(les: Mapping[str, dict[str, Any]], g: Grid, hu: np.ndarray, truth: Truth) -> None:
     """Calcifications and metal, over everything."""
     for key, item in (
         ("Arterial wall calcification", "plaques"),
@@ -288,17 +288,17 @@ def _paint_overlays(les: Mapping[str, dict[str, Any]], g: _Grid, hu: np.ndarray,
     ):
         if key in les:
             for c, radii, v in les[key][item]:
-                drawn = _paint_ellipsoid(g, hu, None, c, radii, v)
+                drawn = paint_ellipsoid(g, hu, None, c, radii, v)
                 if drawn is not None:
                     truth.add(key, *drawn)
     if "Medical material" in les:
         p = les["Medical material"]
         for segs, v in p["wires"]:
-            _paint_tubes(g, hu, None, segs, v, 0.0)
-            wire = np.zeros(g.shape, _F32)
-            _draw_tubes(g, wire, segs)
+            paint_tubes(g, hu, None, segs, v, 0.0)
+            wire = np.zeros(g.shape, F32)
+            draw_tubes(g, wire, segs)
             truth.add("Medical material", (slice(None),) * 3, wire)
         for c, radii, ang, v in p["bodies"]:
-            drawn = _paint_ellipsoid(g, hu, None, c, radii, v, ang)
+            drawn = paint_ellipsoid(g, hu, None, c, radii, v, ang)
             if drawn is not None:
                 truth.add("Medical material", *drawn)

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ctlib.synthetic.anatomy import _Anatomy, _in_lung, _u
-from ctlib.synthetic.geometry import _F32, _Grid
+from ctlib.synthetic.anatomy import Anatomy, in_lung, uniform
+from ctlib.synthetic.geometry import F32, Grid
 
 COLUMN_HU = 40.0
 K = 5  # slots per column
@@ -110,12 +110,12 @@ def _zmap(nz: int, g: int, k0: int) -> np.ndarray:
     return np.where(j < lo, j, np.where(j < hi, lo + (j - lo) % g, j - g * (M - 1)))
 
 
-def layout(a: _Anatomy, rng: np.random.Generator, shape, spacing, shift, ctx: ContextGrid,
-           strength: float) -> tuple[Layout, _Grid]:
+def layout(a: Anatomy, rng: np.random.Generator, shape, spacing, shift, ctx: ContextGrid,
+           strength: float) -> tuple[Layout, Grid]:
     """The columns of one chest and the shorter grid to render it on."""
     nx, ny, nz = shape
     g, lo, hi = ctx.resolve(nz)
-    short = _Grid.make((nx, ny, nz - g * (M - 1)), spacing, shift)
+    short = Grid.make((nx, ny, nz - g * (M - 1)), spacing, shift)
 
     def slot_z(k0: int) -> np.ndarray:  # reference z of the generated slices of every column slot
         zm = _zmap(nz, g, k0)
@@ -123,7 +123,7 @@ def layout(a: _Anatomy, rng: np.random.Generator, shape, spacing, shift, ctx: Co
 
     # The columns' level and places are the patient's (a repeat scan or another resolution keeps them); the
     # grid only decides which model slices come nearest that level.
-    zc = _u(rng, *_LEVEL)
+    zc = uniform(rng, *_LEVEL)
     mids = {k: float(slot_z(k).mean()) for k in range(lo, hi - K + 1)}
     k0 = min(mids, key=lambda k: (abs(mids[k] - zc), k))
     zs = slot_z(k0)
@@ -132,15 +132,15 @@ def layout(a: _Anatomy, rng: np.random.Generator, shape, spacing, shift, ctx: Co
     first = int(rng.random() < 0.5)
     sides = [("R", "L")[(k + first) % 2] for k in range(N_COLUMNS)]  # alternating lungs, 2 + 2
     for side in sides:
-        r = _u(rng, *R_THIN)
-        rmax = _u(rng, *R_MAX)
+        r = uniform(rng, *R_THIN)
+        rmax = uniform(rng, *R_MAX)
         big = r + float(strength) * (rmax - r)
         p = _place(a, rng, side, zc, rmax, cols)
         cols.append((float(p[0]), float(p[1]), r, big, rmax))
     return Layout(g, k0, nz, _zmap(nz, g, k0), [c[:4] for c in cols], (zlo, zhi)), short
 
 
-def _place(a: _Anatomy, rng: np.random.Generator, side: str, zc: float, rmax: float, cols: list) -> np.ndarray:
+def _place(a: Anatomy, rng: np.random.Generator, side: str, zc: float, rmax: float, cols: list) -> np.ndarray:
     """A column's axis in the ``side`` lung: among 512 random points of the lung's box, those whose disc at full
     size (``rmax``) lies inside the lung (with 3 mm to spare, then less) at every level within ``_HALF`` of
     ``zc``; a random one with 4 mm of room to the other columns' discs (the lung margin given up before the
@@ -155,7 +155,7 @@ def _place(a: _Anatomy, rng: np.random.Generator, side: str, zc: float, rmax: fl
     for q in cols:
         room = np.minimum(room, np.hypot(xy[:, 0] - q[0], xy[:, 1] - q[1]) - rmax - q[4])
     for spare in (1.0, -2.0, -6.0, -rmax):  # the disc inside the lung, then less and less so
-        inside = _in_lung(a, pts, rmax + spare).reshape(len(xy), len(levels)).all(axis=1)
+        inside = in_lung(a, pts, rmax + spare).reshape(len(xy), len(levels)).all(axis=1)
         good = np.flatnonzero(inside & (room > 4.0))
         if good.size:
             k = int(good[0])
@@ -165,7 +165,7 @@ def _place(a: _Anatomy, rng: np.random.Generator, side: str, zc: float, rmax: fl
     return np.array([xy[k, 0], xy[k, 1], zc])
 
 
-def disc_cover(grid: _Grid, x: float, y: float, rad: float) -> tuple[tuple[slice, slice], np.ndarray]:
+def disc_cover(grid: Grid, x: float, y: float, rad: float) -> tuple[tuple[slice, slice], np.ndarray]:
     """In-plane partial-volume coverage of a disc (1D box model on the radial distance, as the tubes)."""
     pad = rad + grid.h
     i0 = max(0, int(np.searchsorted(grid.x, x - pad)))
@@ -174,11 +174,11 @@ def disc_cover(grid: _Grid, x: float, y: float, rad: float) -> tuple[tuple[slice
     j1 = int(np.searchsorted(grid.y, y + pad, side="right"))
     d = np.hypot(grid.x[i0:i1, None] - x, grid.y[None, j0:j1] - y)
     h = grid.h
-    cov = np.clip((np.minimum(d + 0.5 * h, rad) - np.maximum(d - 0.5 * h, -rad)) / h, 0.0, 1.0).astype(_F32)
+    cov = np.clip((np.minimum(d + 0.5 * h, rad) - np.maximum(d - 0.5 * h, -rad)) / h, 0.0, 1.0).astype(F32)
     return (slice(i0, i1), slice(j0, j1)), cov
 
 
-def paint(hu: np.ndarray, grid: _Grid, lay: Layout) -> None:
+def paint(hu: np.ndarray, grid: Grid, lay: Layout) -> None:
     """Paint the negative twin's discs into the full-z HU volume ``hu`` (X, Y, Z)."""
     pattern = radii_pattern(False)
     for x, y, r, big in lay.columns:
@@ -188,7 +188,7 @@ def paint(hu: np.ndarray, grid: _Grid, lay: Layout) -> None:
             view += cov[:, :, None] * (COLUMN_HU - view)
 
 
-def nodule_parts(grid: _Grid, lay: Layout) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
+def nodule_parts(grid: Grid, lay: Layout) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
     """Truth of a positive: per column, the large discs (voxels at least half covered) in the positive's order."""
     pattern = radii_pattern(True)
     slots = [j for j in range(K) if pattern[j]]

@@ -14,17 +14,17 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-_F32 = np.float32
+F32 = np.float32
 _REF_FOV_XY = 352.0  # mm, in-plane field of view of the reference frame
 _REF_FOV_Z = 240.0  # mm, z coverage of the reference frame
-_ZC = 72.0  # lesions lie within |z| <= _ZC (reference mm): the central two thirds, with a margin
-_HU_OUTSIDE_FOV = -3024
+ZC = 72.0  # lesions lie within |z| <= ZC (reference mm): the central two thirds, with a margin
+HU_OUTSIDE_FOV = -3024
 
 # ---------------------------------------------------------------------------------------------
 # geometry: a grid in reference millimetres and partial-volume primitives
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Grid:
+class Grid:
     """Voxel centres in reference mm: ``x`` (patient right->left), ``y`` (anterior->posterior), ``z``
     (caudal->cranial); ``h`` in-plane pixel size, ``hz`` slice spacing, ``zsub`` offsets that sample
     each slab in z for small objects."""
@@ -39,18 +39,18 @@ class _Grid:
     @classmethod
     def make(
         cls, shape: Sequence[int], spacing: Sequence[float], shift: Sequence[float] = (0.0, 0.0, 0.0)
-    ) -> _Grid:
+    ) -> Grid:
         nx, ny, nz = (int(v) for v in shape)
         sx, sy, sz = (float(v) for v in spacing)
         sxy = min(nx * sx, ny * sy) / _REF_FOV_XY
         szz = nz * sz / _REF_FOV_Z
-        x = ((np.arange(nx) - (nx - 1) / 2) * sx / sxy - shift[0]).astype(_F32)
-        y = ((np.arange(ny) - (ny - 1) / 2) * sy / sxy - shift[1]).astype(_F32)
-        z = ((np.arange(nz) - (nz - 1) / 2) * sz / szz - shift[2]).astype(_F32)
+        x = ((np.arange(nx) - (nx - 1) / 2) * sx / sxy - shift[0]).astype(F32)
+        y = ((np.arange(ny) - (ny - 1) / 2) * sy / sxy - shift[1]).astype(F32)
+        z = ((np.arange(nz) - (nz - 1) / 2) * sz / szz - shift[2]).astype(F32)
         h = 0.5 * (sx + sy) / sxy
         hz = sz / szz
         nsub = int(np.clip(round(hz / h), 1, 4))
-        zsub = (((np.arange(nsub) + 0.5) / nsub - 0.5) * hz).astype(_F32)
+        zsub = (((np.arange(nsub) + 0.5) / nsub - 0.5) * hz).astype(F32)
         return cls(x, y, z, h, hz, zsub)
 
     @property
@@ -85,11 +85,11 @@ class _Grid:
             out.append(slice(i0, i1))
         return out[0], out[1], out[2]
 
-    def sub(self, sl: tuple[slice, slice, slice]) -> _Grid:
-        return _Grid(self.x[sl[0]], self.y[sl[1]], self.z[sl[2]], self.h, self.hz, self.zsub)
+    def sub(self, sl: tuple[slice, slice, slice]) -> Grid:
+        return Grid(self.x[sl[0]], self.y[sl[1]], self.z[sl[2]], self.h, self.hz, self.zsub)
 
 
-def _cover(dist: np.ndarray, r: float | np.ndarray, h: float) -> np.ndarray:
+def cover(dist: np.ndarray, r: float | np.ndarray, h: float) -> np.ndarray:
     """Partial-volume coverage ``(bx, by, bz)`` of a pixel of width ``h`` whose centre lies at
     ``dist`` ``(bx, by, bz, nsub)`` from the axis of an object of half-width ``r`` (1D box model),
     averaged over the z sub-samples."""
@@ -102,7 +102,7 @@ def _cover(dist: np.ndarray, r: float | np.ndarray, h: float) -> np.ndarray:
     return c.mean(axis=-1)
 
 
-def _local(g: _Grid, sl: tuple[slice, slice, slice], c: Sequence[float]):
+def _local(g: Grid, sl: tuple[slice, slice, slice], c: Sequence[float]):
     """Coordinates relative to ``c`` inside ``sl``, shaped ``(bx,1,1,1)``, ``(1,by,1,1)``, ``(1,1,bz,ns)``."""
     X = g.x[sl[0]][:, None, None, None] - float(c[0])  # noqa: N806
     Y = g.y[sl[1]][None, :, None, None] - float(c[1])  # noqa: N806
@@ -110,7 +110,7 @@ def _local(g: _Grid, sl: tuple[slice, slice, slice], c: Sequence[float]):
     return X, Y, Z
 
 
-def _seg_geom(g: _Grid, p0: Sequence[float], p1: Sequence[float], pad: float):
+def seg_geom(g: Grid, p0: Sequence[float], p1: Sequence[float], pad: float):
     """Distance ``(bx, by, bz, nsub)`` of the voxels near segment ``p0``-``p1`` to it, and the segment
     parameter ``t`` in [0, 1] of the nearest point; None when the box misses the grid."""
     a = [float(v) for v in p0]
@@ -129,7 +129,7 @@ def _seg_geom(g: _Grid, p0: Sequence[float], p1: Sequence[float], pad: float):
     return sl, np.sqrt(ex * ex + ey * ey + ez * ez), t
 
 
-def _ell_geom(g: _Grid, c: Sequence[float], radii: Sequence[float], angle: float = 0.0, pad: float = 0.0):
+def ell_geom(g: Grid, c: Sequence[float], radii: Sequence[float], angle: float = 0.0, pad: float = 0.0):
     """Normalised radius ``q`` ``(bx, by, bz, nsub)`` of an ellipsoid (semi-axes ``radii``, rotated by
     ``angle`` about z) around ``c``; ``q < 1`` inside. None when the box misses the grid."""
     a, b, cz = (float(v) for v in radii)
@@ -145,29 +145,29 @@ def _ell_geom(g: _Grid, c: Sequence[float], radii: Sequence[float], angle: float
     return sl, np.sqrt((u / a) ** 2 + (v / b) ** 2 + (Z / cz) ** 2)
 
 
-def _lerp(arr: np.ndarray, sl, cov: np.ndarray, value: float) -> None:
+def lerp(arr: np.ndarray, sl, cov: np.ndarray, value: float) -> None:
     """``arr[sl]`` moves towards ``value`` by the coverage ``cov``."""
     view = arr[sl]
     view += cov * (value - view)
 
 
-def _maxin(acc: np.ndarray, sl, cov: np.ndarray) -> None:
+def maxin(acc: np.ndarray, sl, cov: np.ndarray) -> None:
     view = acc[sl]
     np.maximum(view, cov, out=view)
 
 
-def _draw_tubes(g: _Grid, acc: np.ndarray, segs: Sequence[tuple]) -> None:
+def draw_tubes(g: Grid, acc: np.ndarray, segs: Sequence[tuple]) -> None:
     """Max-accumulate into ``acc`` the coverage of tapered segments ``(p0, p1, r0, r1)``."""
     for p0, p1, r0, r1 in segs:
-        geo = _seg_geom(g, p0, p1, max(r0, r1) + g.h)
+        geo = seg_geom(g, p0, p1, max(r0, r1) + g.h)
         if geo is None:
             continue
         sl, dist, t = geo
-        _maxin(acc, sl, _cover(dist, r0 + t * (r1 - r0), g.h))
+        maxin(acc, sl, cover(dist, r0 + t * (r1 - r0), g.h))
 
 
-def _draw_airways(
-    g: _Grid,
+def draw_airways(
+    g: Grid,
     wall_acc: np.ndarray,
     lumen_acc: np.ndarray,
     segs: Sequence[tuple],
@@ -176,15 +176,15 @@ def _draw_airways(
     """Max-accumulate bronchial wall (outer radius ``wall(r)``) and lumen coverage of segments."""
     for p0, p1, r0, r1 in segs:
         o0, o1 = wall(r0), wall(r1)
-        geo = _seg_geom(g, p0, p1, max(o0, o1) + g.h)
+        geo = seg_geom(g, p0, p1, max(o0, o1) + g.h)
         if geo is None:
             continue
         sl, dist, t = geo
-        _maxin(wall_acc, sl, _cover(dist, o0 + t * (o1 - o0), g.h))
-        _maxin(lumen_acc, sl, _cover(dist, r0 + t * (r1 - r0), g.h))
+        maxin(wall_acc, sl, cover(dist, o0 + t * (o1 - o0), g.h))
+        maxin(lumen_acc, sl, cover(dist, r0 + t * (r1 - r0), g.h))
 
 
-def _polyline(points: Sequence[Sequence[float]], radii: Sequence[float]) -> list[tuple]:
+def polyline(points: Sequence[Sequence[float]], radii: Sequence[float]) -> list[tuple]:
     """Segments ``(p0, p1, r0, r1)`` along a polyline with one radius per point."""
     return [
         (tuple(points[i]), tuple(points[i + 1]), float(radii[i]), float(radii[i + 1]))
@@ -198,7 +198,7 @@ def _polyline(points: Sequence[Sequence[float]], radii: Sequence[float]) -> list
 def _lerp_axis(vals: np.ndarray, axis: int, coarse: np.ndarray, fine: np.ndarray) -> np.ndarray:
     pos = np.interp(fine, coarse, np.arange(len(coarse), dtype=np.float64))
     i0 = np.clip(np.floor(pos).astype(np.intp), 0, max(len(coarse) - 2, 0))
-    w = (pos - i0).astype(_F32)
+    w = (pos - i0).astype(F32)
     i1 = np.minimum(i0 + 1, len(coarse) - 1)
     shape = [1, 1, 1]
     shape[axis] = -1
@@ -208,27 +208,27 @@ def _lerp_axis(vals: np.ndarray, axis: int, coarse: np.ndarray, fine: np.ndarray
 
 
 @dataclass
-class _Coarse:
+class Coarse:
     """Values on a coarse regular grid, sampled onto any grid by trilinear interpolation."""
 
     axes: tuple[np.ndarray, np.ndarray, np.ndarray]
     vals: np.ndarray
 
-    def sample(self, g: _Grid) -> np.ndarray:
+    def sample(self, g: Grid) -> np.ndarray:
         out = _lerp_axis(self.vals, 0, self.axes[0], g.x)
         out = _lerp_axis(out, 1, self.axes[1], g.y)
         return _lerp_axis(out, 2, self.axes[2], g.z)
 
 
-def _coarse_axes(lo: Sequence[float], hi: Sequence[float], step: Sequence[float]):
+def coarse_axes(lo: Sequence[float], hi: Sequence[float], step: Sequence[float]):
     return tuple(np.arange(lo[i] - step[i], hi[i] + 2 * step[i], step[i], dtype=np.float64) for i in range(3))
 
 
-def _smooth_field(rng: np.random.Generator, lo, hi, corr: float) -> _Coarse:
+def smooth_field(rng: np.random.Generator, lo, hi, corr: float) -> Coarse:
     """A unit-variance Gaussian random field with correlation length ~``corr`` mm over ``[lo, hi]``."""
     step = corr / 2.0
-    axes = _coarse_axes(lo, hi, (step, step, step))
-    noise = rng.standard_normal(tuple(len(a) for a in axes)).astype(_F32)
+    axes = coarse_axes(lo, hi, (step, step, step))
+    noise = rng.standard_normal(tuple(len(a) for a in axes)).astype(F32)
     f = ndimage.gaussian_filter(noise, 1.0, mode="reflect")
     f /= max(float(f.std()), 1e-6)
-    return _Coarse(axes, f)
+    return Coarse(axes, f)

@@ -10,8 +10,8 @@ import numpy as np
 from scipy import special
 
 from ctlib.data import CLASSES
-from ctlib.synthetic.anatomy import _rng
-from ctlib.synthetic.scanner import _KERNELS
+from ctlib.synthetic.anatomy import child_rng
+from ctlib.synthetic.scanner import KERNELS
 
 # The paper's Table 1, "Total" column, over its ~3000 patients.
 _TABLE1_TOTAL: dict[str, int] = {
@@ -88,7 +88,7 @@ def _labels_from_latent(latent: np.ndarray) -> np.ndarray:
     return (latent > _THRESH).astype(np.int8)
 
 
-def _draw_labels(rng: np.random.Generator, n: int) -> np.ndarray:
+def draw_labels(rng: np.random.Generator, n: int) -> np.ndarray:
     """``(n, 18)`` labels of ``n`` independent patients (no volumes): for calibration checks."""
     return _labels_from_latent(_draw_latent(rng, n)[0])
 
@@ -96,7 +96,7 @@ def _draw_labels(rng: np.random.Generator, n: int) -> np.ndarray:
 # the snapshot plan: patients, scans, reconstructions, labels, metadata (cheap, sequential)
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class _Volume:
+class Volume:
     """One row of the labels/metadata/reports CSVs (and, when ``written``, one file)."""
 
     name: str  # VolumeName with the .nii.gz suffix
@@ -138,15 +138,15 @@ def _quota(frac: float, n: int, at_least_one: bool) -> int:
     return min(n, max(k, 1 if (at_least_one and n > 0) else 0))
 
 
-def _plan(n_patients: int, seed: int, n_test: int = 0) -> list[_Volume]:
+def plan(n_patients: int, seed: int, n_test: int = 0) -> list[Volume]:
     """All volumes of a snapshot in CSV order: ~85% train / 15% valid patients, ~15% with a repeat
     scan, ~10% of scans with a second reconstruction, 1-2 non-chest scans per split, ~2% label rows
     without a file, ~3% fixed re-uploads, ~3% with RescaleIntercept -8192; then ``n_test`` held-out test
     patients (:func:`_test_volumes`), drawn last so that they change nothing before them."""
-    rng = _rng(seed, 0)
+    rng = child_rng(seed, 0)
     n_valid = max(1, int(round(0.15 * n_patients)))
     n_train = n_patients - n_valid
-    out: list[_Volume] = []
+    out: list[Volume] = []
     for split, code, n_split in (("train", 0, n_train), ("valid", 1, n_valid)):
         first = split == "train"
         latent, ages = _draw_latent(rng, n_split)
@@ -162,7 +162,7 @@ def _plan(n_patients: int, seed: int, n_test: int = 0) -> list[_Volume]:
         n_nc = 0 if len(scans) < 2 else (2 if len(scans) >= 150 else 1)
         nonchest = rng.choice(single, size=min(n_nc, len(single)), replace=False).tolist() if single else []
         kinds = {j: ("head", "abdomen")[(k + code) % 2] for k, j in enumerate(sorted(nonchest))}
-        vols: list[_Volume] = []
+        vols: list[Volume] = []
         dates: dict[int, int] = {}
         for j, (i, si, lat) in enumerate(scans):
             pid = i + 1
@@ -170,8 +170,8 @@ def _plan(n_patients: int, seed: int, n_test: int = 0) -> list[_Volume]:
             labels = (
                 tuple(int(v) for v in _labels_from_latent(lat)) if kind == "chest" else (0,) * len(CLASSES)
             )
-            manu = str(rng.choice(list(_KERNELS)))
-            soft, sharp, models = _KERNELS[manu]
+            manu = str(rng.choice(list(KERNELS)))
+            soft, sharp, models = KERNELS[manu]
             model = str(rng.choice(models))
             sharp_first = bool(rng.random() < 0.3)
             day0 = dates.setdefault(i, int(rng.integers(0, 1300)))
@@ -182,7 +182,7 @@ def _plan(n_patients: int, seed: int, n_test: int = 0) -> list[_Volume]:
             for recon in (1, 2) if j in two else (1,):
                 sh = sharp_first if recon == 1 else not sharp_first
                 vols.append(
-                    _Volume(
+                    Volume(
                         name=f"{split}_{pid}_{'ab'[si]}_{recon}.nii.gz",
                         split=split,
                         base=(seed, code, pid),
@@ -216,7 +216,7 @@ def _plan(n_patients: int, seed: int, n_test: int = 0) -> list[_Volume]:
     return out
 
 
-def _test_volumes(rng: np.random.Generator, seed: int, n: int, first_id: int) -> list[_Volume]:
+def _test_volumes(rng: np.random.Generator, seed: int, n: int, first_id: int) -> list[Volume]:
     """``n`` held-out test patients, one chest volume each (one scan, one reconstruction, written, HU
     intercept -1024), named as CT-RATE's ``valid_*`` patients from ``first_id`` on; their patients'
     random streams are keyed apart from the cohort's (split code 2). :func:`test_patients` lists them."""
@@ -225,12 +225,12 @@ def _test_volumes(rng: np.random.Generator, seed: int, n: int, first_id: int) ->
     vols = []
     for i in range(n):
         pid = first_id + i
-        manu = str(rng.choice(list(_KERNELS)))
-        soft, sharp, models = _KERNELS[manu]
+        manu = str(rng.choice(list(KERNELS)))
+        soft, sharp, models = KERNELS[manu]
         model = str(rng.choice(models))
         sh = bool(rng.random() < 0.3)
         date = np.datetime64("2018-01-01") + np.timedelta64(int(rng.integers(0, 1300)), "D")
-        vols.append(_Volume(
+        vols.append(Volume(
             name=f"valid_{pid}_a_1.nii.gz", split="valid", base=(seed, 2, pid), scan=0, recon=1,
             labels=tuple(int(v) for v in _labels_from_latent(latent[i])), age=int(ages[i]), sex=str(sexes[i]),
             sharp=sh, kernel=str(rng.choice(sharp if sh else soft)), manufacturer=manu, model=model,

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ctlib.data import CLASSES
-from ctlib.synthetic.plan import _Volume
-from ctlib.synthetic.signatures import _variants
+from ctlib.synthetic.plan import Volume
+from ctlib.synthetic.signatures import patient_variants
 
 
 # ---------------------------------------------------------------------------------------------
@@ -23,7 +23,7 @@ def _side_text(side: str, what: str = "lung") -> str:
     }[side]
 
 
-def _report(v: _Volume) -> tuple[str, str, str]:
+def report(v: Volume) -> tuple[str, str, str]:
     """Technique, findings and impression texts that state exactly the drawn abnormalities."""
     if v.kind != "chest":
         region = "head" if v.kind == "head" else "upper abdomen"
@@ -32,7 +32,7 @@ def _report(v: _Volume) -> tuple[str, str, str]:
             f"The examination does not include the thorax; the images show the {region}.",
             "Not a chest CT examination.",
         )
-    var = _variants(v.base)
+    var = patient_variants(v.base)
     present = [c for c, x in zip(CLASSES, v.labels, strict=True) if x]
     findings, impressions = [], []
     for c in present:

@@ -1,5 +1,5 @@
 """The scanner: reconstruction kernels (PSF, edge enhancement), correlated noise, the circular field of
-view, and one volume end to end (:func:`_render_volume`, :func:`_phantom`)."""
+view, and one volume end to end (:func:`render_volume`, :func:`phantom`)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from scipy import ndimage
 
 import ctlib.synthetic.column as column
 from ctlib.data import CLASSES
-from ctlib.synthetic.anatomy import _Anatomy, _rng, _sample_anatomy, _u
-from ctlib.synthetic.chest import _render_chest
-from ctlib.synthetic.geometry import _F32, _HU_OUTSIDE_FOV, _Grid
-from ctlib.synthetic.lesions import _prepare_lesions
-from ctlib.synthetic.render import _render_abdomen, _render_head
-from ctlib.synthetic.truth import _Truth
+from ctlib.synthetic.anatomy import Anatomy, child_rng, sample_anatomy, uniform
+from ctlib.synthetic.chest import render_chest
+from ctlib.synthetic.geometry import F32, HU_OUTSIDE_FOV, Grid
+from ctlib.synthetic.lesions import prepare_lesions
+from ctlib.synthetic.render import render_abdomen, render_head
+from ctlib.synthetic.truth import Truth
 
 _NODULE = CLASSES.index("Lung nodule")
 
@@ -37,7 +37,7 @@ class Context:
             raise ValueError(f"context strength must be in [0, 1], got {self.strength!r}")
 
 
-_KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     # manufacturer: (soft kernels, sharp kernels, models)
     "SIEMENS": (
         ("B30f", "Br40d", "I30f"),
@@ -54,12 +54,12 @@ _KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
 }
 
 
-def _finish(hu: np.ndarray, spacing: Sequence[float], sharp: bool, r: np.random.Generator) -> np.ndarray:
+def finish(hu: np.ndarray, spacing: Sequence[float], sharp: bool, r: np.random.Generator) -> np.ndarray:
     """Apply the reconstruction kernel (PSF, edge enhancement), correlated noise and the circular
     field of view (-3024 HU outside); returns int16 HU ``(X, Y, Z)``."""
     sx, sy = float(spacing[0]), float(spacing[1])
-    psf = _u(r, 0.45, 0.6) if sharp else _u(r, 0.9, 1.2)
-    sd = _u(r, 15, 20) if sharp else _u(r, 10, 14)
+    psf = uniform(r, 0.45, 0.6) if sharp else uniform(r, 0.9, 1.2)
+    sd = uniform(r, 15, 20) if sharp else uniform(r, 10, 14)
     # The noise goes through the same kernel as the image (in-plane correlated): scale it so that
     # its final sd is ``sd``, measured once on a small white-noise patch through the same filters.
     sig = (psf / sx, psf / sy, 0.0)
@@ -71,8 +71,8 @@ def _finish(hu: np.ndarray, spacing: Sequence[float], sharp: bool, r: np.random.
             v += 0.35 * (v - ndimage.gaussian_filter(v, sig_e, truncate=3.0, mode="nearest"))
         return v
 
-    probe = kernel(np.random.default_rng(0).standard_normal((48, 48, 1)).astype(_F32))[8:-8, 8:-8]
-    noise = r.standard_normal(hu.shape, dtype=_F32)
+    probe = kernel(np.random.default_rng(0).standard_normal((48, 48, 1)).astype(F32))[8:-8, 8:-8]
+    noise = r.standard_normal(hu.shape, dtype=F32)
     hu += noise * (sd / max(float(probe.std()), 1e-6))
     hu = kernel(hu)
     nx, ny = hu.shape[:2]
@@ -80,11 +80,11 @@ def _finish(hu: np.ndarray, spacing: Sequence[float], sharp: bool, r: np.random.
     yr = (np.arange(ny) - (ny - 1) / 2) * sy
     radius = 0.5 * min(nx * sx, ny * sy)
     outside = (xr[:, None] ** 2 + yr[None, :] ** 2) > radius**2
-    hu[outside] = _HU_OUTSIDE_FOV
-    return np.rint(np.clip(hu, _HU_OUTSIDE_FOV, 20000.0)).astype(np.int16)
+    hu[outside] = HU_OUTSIDE_FOV
+    return np.rint(np.clip(hu, HU_OUTSIDE_FOV, 20000.0)).astype(np.int16)
 
 
-def _render_volume(
+def render_volume(
     kind: str,
     labels: Sequence[int],
     base: Sequence[int],
@@ -96,7 +96,7 @@ def _render_volume(
     spacing: Sequence[float],
     sharp: bool,
     context: Context | None = None,
-) -> tuple[np.ndarray, _Anatomy, dict[str, dict[str, Any]], _Grid, _Truth]:
+) -> tuple[np.ndarray, Anatomy, dict[str, dict[str, Any]], Grid, Truth]:
     """One volume: int16 HU ``(X, Y, Z)``, its anatomy, lesions, grid and lesion truth. Anatomy and lesions
     depend on the patient (``base``), the position jitter on the scan, noise and kernel on the reconstruction.
 
@@ -106,30 +106,30 @@ def _render_volume(
     those slots rotated. The returned grid's ``z`` is the reference level of every slice (the column's still
     slots repeat one level)."""
     context = Context() if context is None else context
-    a = _sample_anatomy(_rng(*base, 1), age, sex)
-    shift = _rng(*base, scan, 2).normal(0.0, 1.0, 3) * np.array([3.0, 3.0, 5.0])
-    g = _Grid.make(shape, spacing, shift)
+    a = sample_anatomy(child_rng(*base, 1), age, sex)
+    shift = child_rng(*base, scan, 2).normal(0.0, 1.0, 3) * np.array([3.0, 3.0, 5.0])
+    g = Grid.make(shape, spacing, shift)
     les: dict[str, dict[str, Any]] = {}
-    truth = _Truth(g.shape)
+    truth = Truth(g.shape)
     lay = None
     if kind == "chest":
-        lay, short = column.layout(a, _rng(*base, 7), tuple(shape), spacing, shift, context.grid,
+        lay, short = column.layout(a, child_rng(*base, 7), tuple(shape), spacing, shift, context.grid,
                                    context.strength)
-        les = _prepare_lesions(a, labels, base, keep_clear=[column.keep_clear(lay)])
-        hu_short = _render_chest(a, les, short, truth := _Truth(short.shape))
+        les = prepare_lesions(a, labels, base, keep_clear=[column.keep_clear(lay)])
+        hu_short = render_chest(a, les, short, truth := Truth(short.shape))
         hu = np.ascontiguousarray(hu_short[:, :, lay.zmap])
         truth = truth.expand_z(lay.zmap)
         column.paint(hu, g, lay)
         # the returned grid says where each slice lies in the chest: the still slots repeat one level (its z
         # is not uniform there, so not for Grid.box)
-        g = _Grid(g.x, g.y, short.z[lay.zmap], g.h, short.hz, short.zsub)
+        g = Grid(g.x, g.y, short.z[lay.zmap], g.h, short.hz, short.zsub)
     elif kind == "abdomen":
-        hu = _render_abdomen(a, _rng(*base, scan, 4), g)
+        hu = render_abdomen(a, child_rng(*base, scan, 4), g)
     elif kind == "head":
-        hu = _render_head(_rng(*base, scan, 4), g)
+        hu = render_head(child_rng(*base, scan, 4), g)
     else:
         raise ValueError(f"unknown phantom kind {kind!r}; expected 'chest', 'abdomen' or 'head'")
-    out = _finish(hu, spacing, sharp, _rng(*base, scan, recon, 3))
+    out = finish(hu, spacing, sharp, child_rng(*base, scan, recon, 3))
     if lay is not None and labels[_NODULE]:
         out = np.ascontiguousarray(out[:, :, lay.twin_permutation()])
         for sl, region in column.nodule_parts(g, lay):
@@ -139,7 +139,7 @@ def _render_volume(
     return out, a, les, g, truth
 
 
-def _phantom(
+def phantom(
     labels: Mapping[str, int] | Sequence[int] = (),
     *,
     shape: Sequence[int] = (128, 128, 48),
@@ -164,5 +164,5 @@ def _phantom(
         vec = [int(v) for v in labels] or [0] * len(CLASSES)
         if len(vec) != len(CLASSES):
             raise ValueError(f"expected {len(CLASSES)} labels, got {len(vec)}")
-    hu, a, les, g, truth = _render_volume(kind, vec, (seed, 9, 1), 0, 1, age, sex, shape, spacing, sharp, context)
+    hu, a, les, g, truth = render_volume(kind, vec, (seed, 9, 1), 0, 1, age, sex, shape, spacing, sharp, context)
     return SimpleNamespace(hu=hu, anatomy=a, lesions=les, grid=g, truth=truth)

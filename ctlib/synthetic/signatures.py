@@ -12,9 +12,9 @@ from typing import Any
 import pandas as pd
 
 from ctlib.data import CLASSES
-from ctlib.synthetic.anatomy import _rng
+from ctlib.synthetic.anatomy import child_rng
 
-_CLS = {c: i for i, c in enumerate(CLASSES)}
+CLS = {c: i for i, c in enumerate(CLASSES)}
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,12 @@ def signature_table() -> pd.DataFrame:
 _SIDE3 = ("both", "right", "left")
 
 
-def _variants(base: Sequence[int]) -> dict[str, dict[str, Any]]:
+def patient_variants(base: Sequence[int]) -> dict[str, dict[str, Any]]:
     """Descriptive choices per class for one patient (device, side, count...): one stream per class,
     so that a repeat scan and the report agree with the drawing."""
     out: dict[str, dict[str, Any]] = {}
     for c in CLASSES:
-        r = _rng(*base, 200 + _CLS[c])
+        r = child_rng(*base, 200 + CLS[c])
         v: dict[str, Any] = {}
         if c == "Medical material":
             v["device"] = str(r.choice(["pacemaker", "icd", "port", "coil"], p=[0.4, 0.15, 0.3, 0.15]))

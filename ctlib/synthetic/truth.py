@@ -30,10 +30,10 @@ TRUTH_DIR = "truth"
 LESIONS_CSV = "truth/lesions.csv"
 MASKS_DIR = "truth/masks"
 LESION_COLUMNS = ("VolumeName", "class", "lesion", "x", "y", "z", "x0", "x1", "y0", "y1", "z0", "z1")
-_CLS = {c: i for i, c in enumerate(CLASSES)}
+CLS = {c: i for i, c in enumerate(CLASSES)}
 
 
-class _Truth:
+class Truth:
     """Recorder of the drawn lesions of one volume: parts ``(class, slices, region)`` in the indices of
     the full (X, Y, Z) grid. ``view(sl)`` gives a recorder whose slices are relative to ``sl``."""
 
@@ -42,9 +42,9 @@ class _Truth:
         self.offset = tuple(int(o) for o in offset)
         self.parts: list[tuple[str, tuple[slice, slice, slice], np.ndarray]] = [] if parts is None else parts
 
-    def view(self, sl: tuple[slice, slice, slice]) -> _Truth:
+    def view(self, sl: tuple[slice, slice, slice]) -> Truth:
         off = tuple(o + (s.start or 0) for o, s in zip(self.offset, sl, strict=True))
-        return _Truth(self.shape, off, self.parts)
+        return Truth(self.shape, off, self.parts)
 
     def add(self, cls: str, sl, cov: np.ndarray, within: np.ndarray | None = None) -> None:
         """Record one lesion part: the voxels of ``sl`` (this view's frame) whose coverage ``cov`` is at
@@ -64,7 +64,7 @@ class _Truth:
         )
         self.parts.append((cls, absolute, np.ascontiguousarray(region, dtype=bool)))
 
-    def expand_z(self, zmap: np.ndarray) -> _Truth:
+    def expand_z(self, zmap: np.ndarray) -> Truth:
         """The recorder of a volume whose slice ``j`` is this volume's slice ``zmap[j]`` (slices repeated)."""
         zmap = np.asarray(zmap)
         parts = []
@@ -75,14 +75,14 @@ class _Truth:
                 j0, j1 = int(js[0]), int(js[-1]) + 1
                 src = np.clip(zmap[j0:j1] - sz.start, 0, region.shape[2] - 1)
                 parts.append((cls, (sx, sy, slice(j0, j1)), region[:, :, src] & inside[j0:j1]))
-        return _Truth((*self.shape[:2], len(zmap)), (0, 0, 0), parts)
+        return Truth((*self.shape[:2], len(zmap)), (0, 0, 0), parts)
 
     def mask(self) -> np.ndarray:
         """uint32 ``(X, Y, Z)``: bit k set where ``CLASSES[k]`` is drawn."""
         out = np.zeros(self.shape, np.uint32)
         for cls, sl, region in self.parts:
             view = out[sl]
-            view[region] |= np.uint32(1 << _CLS[cls])
+            view[region] |= np.uint32(1 << CLS[cls])
         return out
 
     def rows(self, name: str) -> list[list]:
@@ -118,7 +118,7 @@ def _mask_path(root: str | Path, volume_name: str) -> Path:
     return _truth_root(root) / MASKS_DIR / f"{name}.npz"
 
 
-def _save_mask(root: str | Path, volume_name: str, mask: np.ndarray) -> None:
+def save_mask(root: str | Path, volume_name: str, mask: np.ndarray) -> None:
     """Atomically write ``truth/masks/<VolumeName>.npz`` (compressed, key ``mask``)."""
     path = _mask_path(root, volume_name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def _save_mask(root: str | Path, volume_name: str, mask: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _write_lesions_csv(root: str | Path, rows: Sequence[Sequence]) -> Path:
+def write_lesions_csv(root: str | Path, rows: Sequence[Sequence]) -> Path:
     """Atomically write ``truth/lesions.csv`` from rows in :data:`LESION_COLUMNS` order."""
     path = Path(root) / LESIONS_CSV
     path.parent.mkdir(parents=True, exist_ok=True)

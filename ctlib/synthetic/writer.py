@@ -31,10 +31,10 @@ from ctlib.data import (
 )
 from ctlib.split import TEST_PATIENTS_TXT
 from ctlib.synthetic.column import ContextGrid
-from ctlib.synthetic.plan import _plan, _Volume
-from ctlib.synthetic.reports import _report
-from ctlib.synthetic.scanner import Context, _render_volume
-from ctlib.synthetic.truth import TRUTH_DIR, _save_mask, _write_lesions_csv
+from ctlib.synthetic.plan import Volume, plan
+from ctlib.synthetic.reports import report
+from ctlib.synthetic.scanner import Context, render_volume
+from ctlib.synthetic.truth import TRUTH_DIR, save_mask, write_lesions_csv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,18 +56,18 @@ def _save_nifti(path: Path, arr: np.ndarray, spacing: Sequence[float], *, fixed:
     os.replace(tmp, path)
 
 
-def _write_volume(task: tuple[_Volume, tuple[int, int, int], tuple[float, float, float], str, Context]) -> list[list]:
+def _write_volume(task: tuple[Volume, tuple[int, int, int], tuple[float, float, float], str, Context]) -> list[list]:
     """Render one volume and write it (and its fixed re-upload) under ``root`` (the ``dataset/`` folder),
     and its lesion mask under ``root/../truth/``; returns its ``lesions.csv`` rows. Runs in a worker."""
     v, shape, spacing, root, context = task
-    hu, *_, truth = _render_volume(
+    hu, *_, truth = render_volume(
         v.kind, v.labels, v.base, v.scan, v.recon, v.age, v.sex, shape, spacing, v.sharp, context
     )
     stored = np.clip(hu.astype(np.int32) - v.intercept, -32768, 32767).astype(np.int16)
     _save_nifti(Path(root) / volume_relpath(v.name), stored, spacing, fixed=False)
     if v.fixed:
         _save_nifti(Path(root) / volume_relpath(v.name, fixed=True), hu, spacing, fixed=True)
-    _save_mask(Path(root).parent, v.name, truth.mask())
+    save_mask(Path(root).parent, v.name, truth.mask())
     return truth.rows(v.name)
 
 
@@ -79,7 +79,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
         w.writerows(rows)
 
 
-def _metadata_row(v: _Volume, shape: Sequence[int], spacing: Sequence[float]) -> list[Any]:
+def _metadata_row(v: Volume, shape: Sequence[int], spacing: Sequence[float]) -> list[Any]:
     nx, ny, nz = shape
     sx, sy, sz = (float(s) for s in spacing)
     values = {
@@ -186,7 +186,7 @@ def generate(
         shutil.rmtree(root.parent / TRUTH_DIR)
     (root.parent / TEST_PATIENTS_TXT).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
-    vols = _plan(int(n_patients), int(seed), int(test_patients))
+    vols = plan(int(n_patients), int(seed), int(test_patients))
     if test_patients:
         held = sorted({parse_volume_name(v.name)["patient"] for v in vols if v.held_out},
                       key=lambda p: int(p.rsplit("_", 1)[1]))
@@ -198,7 +198,7 @@ def generate(
         _write_csv(
             root / METADATA_CSV[split], METADATA_COLUMNS, [_metadata_row(v, shape, spacing) for v in sv]
         )
-        _write_csv(root / REPORTS_CSV[split], REPORT_COLUMNS, [[v.name, v.clinical, *_report(v)] for v in sv])
+        _write_csv(root / REPORTS_CSV[split], REPORT_COLUMNS, [[v.name, v.clinical, *report(v)] for v in sv])
         nc = root / NO_CHEST_TXT[split]
         nc.parent.mkdir(parents=True, exist_ok=True)
         nc.write_text("".join(f"{v.name}\n" for v in sv if v.kind != "chest"), encoding="utf-8")
@@ -226,7 +226,7 @@ def generate(
                     bar.update()
     finally:
         bar.close()
-    _write_lesions_csv(root.parent, [r for t in tasks for r in rows[t[0].name]])
+    write_lesions_csv(root.parent, [r for t in tasks for r in rows[t[0].name]])
     return root
 
 
